@@ -1,0 +1,348 @@
+"""tfconvnorm.spectral against the explicit operator matrix and hand-worked spectra."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfconvnorm
+from tfconvnorm import reference
+
+# (kernel shape, input shape, strides, dilation, groups): every structure the
+# core exploits or has to get right, each checked against the dense matrix.
+GEOMETRIES = [
+    # 2-D, square and rectangular kernels and inputs.
+    ((3, 3, 2, 3), (6, 6), 1, 1, 1),
+    ((3, 2, 2, 3), (5, 7), 1, 1, 1),
+    ((1, 3, 2, 3), (4, 6), 1, 1, 1),
+    # 1-D and 3-D.
+    ((3, 2, 3), (8,), 1, 1, 1),
+    ((5, 1, 1), (7,), 1, 1, 1),
+    ((3, 3, 3, 2, 2), (4, 4, 4), 1, 1, 1),
+    ((2, 3, 2, 2, 3), (4, 3, 4), (2, 1, 2), 1, 1),
+    # Strides, per axis too; rows > cols and rows < cols after the polyphase split.
+    ((3, 3, 2, 3), (8, 6), 2, 1, 1),
+    ((3, 3, 2, 9), (6, 6), (2, 3), 1, 1),
+    ((3, 3, 1, 2), (6, 6), 3, 1, 1),
+    ((3, 1, 4), (12,), 4, 1, 1),
+    # Dilation, alone and with strides.
+    ((3, 3, 2, 5), (8, 8), (2, 1), (1, 2), 1),
+    ((3, 2, 2), (9,), 1, 3, 1),
+    # Inputs smaller than the (dilated) kernel: wrapped taps fold.
+    ((3, 3, 2, 4), (2, 2), 1, 1, 1),
+    ((5, 3, 2, 4), (3, 4), 1, 2, 1),
+    ((7, 1, 2), (4,), 2, 1, 1),
+    # Groups and depthwise (groups == c_in), with strides.
+    ((3, 3, 1, 6), (6, 6), 1, 1, 3),
+    ((3, 3, 2, 6), (6, 6), 2, 1, 3),
+    ((3, 3, 1, 8), (4, 4), 1, 1, 4),
+    ((3, 1, 4), (8,), 2, 1, 4),
+    # Frequency-independent matrices: 1x1 convs, 2x2 stride-2 "patchify".
+    ((1, 1, 4, 3), (5, 5), 1, 1, 1),
+    ((1, 1, 4, 3), (6, 6), 2, 1, 1),
+    ((2, 2, 4, 3), (6, 6), 2, 1, 1),
+    ((1, 3, 2, 2), (6, 6), 2, 1, 1),
+    # A Dense layer: a matrix, no spatial axes.
+    ((4, 5), (), 1, 1, 1),
+    ((6, 2), (), 1, 1, 1),
+]
+
+
+def _ids(cases):
+    return [f"k{c[0]}-n{c[1]}-s{c[2]}-d{c[3]}-g{c[4]}" for c in cases]
+
+
+def _random_kernel(shape, dtype=np.float64, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("shape,n,strides,dilation,groups", GEOMETRIES, ids=_ids(GEOMETRIES))
+def test_singular_values_match_explicit_matrix_float64(shape, n, strides, dilation, groups):
+    kernel = _random_kernel(shape)
+    expected = reference.explicit_singular_values(kernel, n, strides, dilation, groups)
+    got = tfconvnorm.conv_singular_values(kernel, n, strides, dilation, groups)
+    assert got.dtype == tf.float64
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-8, atol=1e-10 * expected[0])
+
+
+@pytest.mark.parametrize("shape,n,strides,dilation,groups", GEOMETRIES, ids=_ids(GEOMETRIES))
+def test_singular_values_match_explicit_matrix_float32(shape, n, strides, dilation, groups):
+    kernel = _random_kernel(shape, np.float32, seed=1)
+    expected = reference.explicit_singular_values(kernel, n, strides, dilation, groups)
+    got = tfconvnorm.conv_singular_values(tf.constant(kernel), n, strides, dilation, groups)
+    assert got.dtype == tf.float32
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-6 * expected[0])
+
+
+@pytest.mark.parametrize("shape,n,strides,dilation,groups", GEOMETRIES, ids=_ids(GEOMETRIES))
+def test_operator_norm_is_largest_singular_value(shape, n, strides, dilation, groups):
+    kernel = _random_kernel(shape, seed=2)
+    expected = reference.explicit_singular_values(kernel, n, strides, dilation, groups)[0]
+    got = tfconvnorm.conv_operator_norm(kernel, n, strides, dilation, groups)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10)
+
+
+def test_count_for_strided_conv_is_as_stated():
+    # (n/s)^d * min(c_out, c_in * s^d) singular values, zeros included.
+    kernel = _random_kernel((3, 3, 2, 16))
+    values = tfconvnorm.conv_singular_values(kernel, (8, 8), strides=2)
+    assert values.shape == (4 * 4 * min(16, 2 * 4),)
+
+
+def test_rank_deficient_operator_keeps_exact_zeros():
+    # Two identical output channels: half the singular values are exactly 0,
+    # which the float32 Gram route must not turn into sqrt(eps) noise.
+    column = _random_kernel((3, 3, 4, 1), np.float32)
+    kernel = np.concatenate([column, column], axis=-1)
+    got = tfconvnorm.conv_singular_values(kernel, (6, 6)).numpy()
+    expected = reference.explicit_singular_values(kernel, (6, 6))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * expected[0])
+    assert np.sum(got < 1e-6 * got[0]) == 36
+
+
+def test_hand_worked_1d_filter():
+    # A single-channel circular filter is diagonalised by the DFT: its
+    # singular values are |2 + 7 z - z^2| at z = exp(-2 pi i w / 20).
+    z = np.exp(-2j * np.pi * np.arange(20) / 20)
+    expected = np.sort(np.abs(2 + 7 * z - z ** 2))[::-1]
+    got = tfconvnorm.conv_singular_values(np.array([2.0, 7.0, -1.0]).reshape(3, 1, 1), 20)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+
+
+def test_hand_worked_3x3_single_channel():
+    kernel = np.array([[1.0, 2.0, 0.0], [-1.0, 3.0, 1.0], [0.5, 0.0, -2.0]])
+    n = 5
+    w = np.exp(-2j * np.pi * np.arange(n) / n)
+    response = sum(kernel[a, b] * np.outer(w ** a, w ** b) for a in range(3) for b in range(3))
+    expected = np.sort(np.abs(response).ravel())[::-1]
+    got = tfconvnorm.conv_singular_values(kernel[..., None, None], (n, n))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+
+
+def test_agrees_with_published_method_where_that_is_defined():
+    kernel = _random_kernel((3, 3, 4, 5))
+    published = np.sort(reference.published_singular_values(kernel, (8, 8)).ravel())[::-1]
+    np.testing.assert_allclose(tfconvnorm.conv_singular_values(kernel, (8, 8)).numpy(),
+                               published, rtol=1e-10)
+
+
+def test_published_method_crops_small_inputs_and_we_do_not():
+    kernel = _random_kernel((3, 3, 2, 2))
+    exact = reference.explicit_singular_values(kernel, (2, 2))
+    published = np.sort(reference.published_singular_values(kernel, (2, 2)).ravel())[::-1]
+    ours = tfconvnorm.conv_singular_values(kernel, (2, 2)).numpy()
+    np.testing.assert_allclose(ours, exact, rtol=1e-10)
+    assert not np.allclose(published, exact, rtol=1e-3)
+
+
+def test_transfer_matrices_weights_cover_the_full_spectrum():
+    kernel = _random_kernel((3, 3, 2, 6))
+    matrices, weights = tfconvnorm.conv_transfer_matrices(kernel, (8, 6), strides=2, groups=2)
+    # Conjugate symmetry: 4 x (3 // 2 + 1) frequencies computed of 4 x 3.
+    assert matrices.shape == (4 * 2, 2, 3, 4 * 2)
+    assert int(tf.reduce_sum(weights)) == 4 * 3
+    # 1x1: one frequency stands for all.
+    matrices, weights = tfconvnorm.conv_transfer_matrices(kernel[:1, :1], (8, 6))
+    assert matrices.shape[0] == 1 and int(weights[0]) == 48
+
+
+def test_accepts_variables_and_preserves_dtype():
+    variable = tf.Variable(_random_kernel((3, 3, 2, 2), np.float32))
+    values = tfconvnorm.conv_singular_values(variable, 4)
+    assert values.dtype == tf.float32 and values.shape == (32,)
+    assert tfconvnorm.conv_operator_norm(variable, 4).dtype == tf.float32
+
+
+def test_graph_mode_with_static_shapes():
+    kernel = _random_kernel((3, 3, 2, 4), np.float32)
+
+    @tf.function
+    def everything(k):
+        return (tfconvnorm.conv_singular_values(k, (6, 6), strides=2),
+                tfconvnorm.conv_operator_norm(k, (6, 6), strides=2),
+                tfconvnorm.clip_conv_singular_values(k, (6, 6), 0.5, strides=2),
+                tfconvnorm.clip_conv_singular_values(k, (6, 6), 0.5, method="paper"),
+                tfconvnorm.clip_conv_singular_values(k, (6, 6), 0.5, method="exact",
+                                                     iterations=50))
+
+    values, norm, clipped, paper, exact = everything(tf.constant(kernel))
+    np.testing.assert_allclose(values.numpy(),
+                               tfconvnorm.conv_singular_values(kernel, (6, 6), 2).numpy(),
+                               rtol=1e-6)
+    assert norm.numpy() == pytest.approx(values.numpy()[0], rel=1e-6)
+    for result in (clipped, paper, exact):
+        assert result.shape == kernel.shape and result.dtype == tf.float32
+    assert tfconvnorm.conv_operator_norm(clipped, (6, 6), 2).numpy() <= 0.5 * (1 + 1e-4)
+
+
+def test_operator_norm_gradient_matches_finite_difference():
+    kernel = _random_kernel((3, 3, 3, 4), seed=3)
+    direction = _random_kernel(kernel.shape, seed=4)
+    variable = tf.Variable(kernel)
+    for strides in (1, 2):
+        with tf.GradientTape() as tape:
+            norm = tfconvnorm.conv_operator_norm(variable, (8, 8), strides=strides)
+        gradient = tape.gradient(norm, variable).numpy()
+        step = 1e-6
+        finite = (tfconvnorm.conv_operator_norm(kernel + step * direction, (8, 8), strides)
+                  - tfconvnorm.conv_operator_norm(kernel - step * direction, (8, 8), strides)
+                  ).numpy() / (2 * step)
+        assert np.sum(gradient * direction) == pytest.approx(finite, rel=1e-6)
+
+
+# --- errors -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kernel=np.ones((3, 3, 2, 2)), input_shape=(8,)), "input_shape"),
+    (dict(kernel=np.ones((3, 3, 2, 2)), input_shape=(8, 0)), "input_shape"),
+    (dict(kernel=np.ones((3, 3, 2, 2)), input_shape=(8, -3)), "input_shape"),
+    (dict(kernel=np.ones((3, 3, 2, 3)), input_shape=(8, 8), groups=2), "groups=2"),
+    (dict(kernel=np.ones((3, 3, 2, 2)), input_shape=(8, 8), groups=0), "groups=0"),
+    (dict(kernel=np.ones((3, 3, 2, 2)), input_shape=(8, 8), strides=0), "strides"),
+    (dict(kernel=np.ones((3, 3, 2, 2)), input_shape=(8, 8), dilation_rate=(1, 0)),
+     "dilation_rate"),
+    (dict(kernel=np.ones((3,)), input_shape=()), "shape"),
+    (dict(kernel=np.ones((3, 0, 2)), input_shape=(4,)), "empty"),
+])
+def test_bad_geometry_is_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tfconvnorm.conv_singular_values(**kwargs)
+
+
+def test_stride_not_dividing_input_names_both_numbers():
+    with pytest.raises(ValueError, match=r"3 does not divide 8"):
+        tfconvnorm.conv_singular_values(np.ones((3, 3, 1, 1)), (8, 8), strides=3)
+
+
+def test_complex_kernel_is_rejected():
+    with pytest.raises(TypeError, match="complex"):
+        tfconvnorm.conv_singular_values(np.ones((3, 1, 1), np.complex64), 4)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_kernel_raises_eager_and_graph(bad):
+    kernel = np.ones((3, 3, 2, 2), np.float32)
+    kernel[1, 1, 0, 0] = bad
+    for fn in (tfconvnorm.conv_singular_values, tfconvnorm.conv_operator_norm):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="kernel has NaN or Inf"):
+            fn(kernel, (4, 4))
+        with pytest.raises(tf.errors.InvalidArgumentError, match="kernel has NaN or Inf"):
+            tf.function(lambda k: fn(k, (4, 4)))(tf.constant(kernel))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="kernel has NaN or Inf"):
+        tfconvnorm.clip_conv_singular_values(kernel, (4, 4), 1.0)
+
+
+# --- projections ----------------------------------------------------------
+
+CLIP_GEOMETRIES = [
+    ((3, 3, 4, 5), (8, 8), 1, 1, 1),
+    ((3, 3, 3, 6), (8, 8), 2, 1, 1),
+    ((3, 3, 2, 4), (8, 8), 1, 2, 2),
+    ((3, 3, 1, 4), (6, 6), 1, 1, 4),
+    ((5, 2, 3), (10,), 1, 1, 1),
+    ((3, 3, 3, 2, 2), (4, 4, 4), 1, 1, 1),
+    ((3, 3, 2, 3), (2, 2), 1, 1, 1),  # folded taps
+    ((1, 1, 5, 3), (4, 4), 2, 1, 1),
+    ((5, 3), (), 1, 1, 1),
+]
+
+
+def _norm(kernel, n, strides=1, dilation=1, groups=1):
+    # The bound is checked against the independent oracle, not our own norm.
+    return reference.explicit_singular_values(np.asarray(kernel), n, strides, dilation,
+                                              groups)[0]
+
+
+@pytest.mark.parametrize("shape,n,strides,dilation,groups", CLIP_GEOMETRIES,
+                         ids=_ids(CLIP_GEOMETRIES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_default_projection_guarantees_the_bound(shape, n, strides, dilation, groups, dtype):
+    kernel = 2.0 * _random_kernel(shape, dtype, seed=5)
+    max_norm = 0.3 * _norm(kernel, n, strides, dilation, groups)
+    clipped = tfconvnorm.clip_conv_singular_values(kernel, n, max_norm, strides, dilation,
+                                                   groups)
+    assert clipped.shape == kernel.shape and clipped.dtype == kernel.dtype
+    assert _norm(clipped, n, strides, dilation, groups) <= max_norm * (1 + 1e-4)
+    # Clipping shrinks only: the result is not the zero kernel.
+    assert np.linalg.norm(clipped) > 0.1 * np.linalg.norm(kernel) * 0.3
+
+
+@pytest.mark.parametrize("method", ["alternating", "exact"])
+def test_projection_leaves_kernels_inside_unchanged(method):
+    kernel = _random_kernel((3, 3, 4, 4), seed=6)
+    norm = _norm(kernel, (8, 8))
+    same = tfconvnorm.clip_conv_singular_values(kernel, (8, 8), 1.01 * norm, method=method)
+    np.testing.assert_array_equal(same.numpy(), kernel)
+    # Idempotent: projecting a projection changes nothing.
+    once = tfconvnorm.clip_conv_singular_values(kernel, (8, 8), 0.5 * norm, method=method)
+    twice = tfconvnorm.clip_conv_singular_values(once, (8, 8), 0.5 * norm, method=method)
+    np.testing.assert_array_equal(twice.numpy(), once.numpy())
+
+
+@pytest.mark.parametrize("shape,n", [((3, 3, 4, 5), (8, 8)), ((3, 3, 2, 2), (3, 5)),
+                                     ((5, 5, 3, 3), (16, 16))])
+def test_paper_method_matches_published_reference(shape, n):
+    kernel = _random_kernel(shape, seed=7)
+    expected = reference.published_clip(kernel, n, 1.0)
+    got = tfconvnorm.clip_conv_singular_values(kernel, n, 1.0, method="paper")
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5,
+                               atol=1e-12 * np.abs(expected).max())
+
+
+def test_paper_method_can_miss_the_bound_and_default_does_not():
+    # Why the default exists: the cut back to the support raises the norm.
+    kernel = _random_kernel((3, 3, 8, 8), seed=8)
+    paper = tfconvnorm.clip_conv_singular_values(kernel, (8, 8), 1.0, method="paper")
+    assert _norm(paper, (8, 8)) > 1.0 + 1e-3
+    default = tfconvnorm.clip_conv_singular_values(kernel, (8, 8), 1.0)
+    assert _norm(default, (8, 8)) <= 1.0 + 1e-4
+
+
+@pytest.mark.parametrize("shape,n,strides", [((3, 3, 4, 5), (8, 8), 1),
+                                             ((3, 3, 3, 4), (8, 8), 2),
+                                             ((3, 2, 3), (9,), 1)])
+def test_exact_projection_is_no_farther_than_default(shape, n, strides):
+    kernel = _random_kernel(shape, seed=9)
+    max_norm = 0.5 * _norm(kernel, n, strides)
+    default = tfconvnorm.clip_conv_singular_values(kernel, n, max_norm, strides)
+    exact = tfconvnorm.clip_conv_singular_values(kernel, n, max_norm, strides, method="exact")
+    assert _norm(exact, n, strides) <= max_norm * (1 + 1e-4)
+    assert np.linalg.norm(exact - kernel) <= np.linalg.norm(default - kernel) * (1 + 1e-6)
+
+
+def test_exact_projection_satisfies_optimality_against_feasible_points():
+    # Projection onto a convex set: <k - p, q - p> <= 0 for every feasible q.
+    kernel = _random_kernel((3, 3, 2, 3), seed=10)
+    max_norm = 0.4 * _norm(kernel, (6, 6))
+    p = tfconvnorm.clip_conv_singular_values(kernel, (6, 6), max_norm, method="exact",
+                                             tolerance=1e-10, iterations=5000).numpy()
+    rng = np.random.default_rng(11)
+    for _ in range(5):
+        q = tfconvnorm.clip_conv_singular_values(p + 0.3 * rng.standard_normal(p.shape),
+                                                 (6, 6), max_norm).numpy()
+        assert np.sum((kernel - p) * (q - p)) <= 1e-6 * np.linalg.norm(kernel) ** 2
+
+
+def test_exact_projection_refuses_folded_taps():
+    with pytest.raises(ValueError, match="method='exact'"):
+        tfconvnorm.clip_conv_singular_values(np.ones((3, 3, 1, 1)), (2, 2), 0.5, method="exact")
+
+
+@pytest.mark.parametrize("max_norm", [0, -1.0, np.nan, np.inf, "1", [1.0, 2.0]])
+def test_bad_max_norm_is_a_clear_error(max_norm):
+    with pytest.raises(ValueError, match="max_norm"):
+        tfconvnorm.clip_conv_singular_values(np.ones((3, 3, 1, 1)), (4, 4), max_norm)
+
+
+def test_bad_max_norm_tensor_in_graph_raises():
+    fn = tf.function(lambda k, m: tfconvnorm.clip_conv_singular_values(k, (4, 4), m))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_norm"):
+        fn(tf.ones((3, 3, 1, 1)), tf.constant(-1.0))
+
+
+def test_unknown_method_and_bad_iterations():
+    with pytest.raises(ValueError, match="method='dykstra'"):
+        tfconvnorm.clip_conv_singular_values(np.ones((3, 1, 1)), 4, 1.0, method="dykstra")
+    with pytest.raises(ValueError, match="iterations=0"):
+        tfconvnorm.clip_conv_singular_values(np.ones((3, 1, 1)), 4, 1.0, iterations=0)

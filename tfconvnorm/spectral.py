@@ -1,0 +1,567 @@
+"""Exact spectra of convolution operators, and projections onto operator-norm balls.
+
+A circular (wrap-around) convolution is block circulant, so the DFT
+block-diagonalises it (Sedghi, Gupta & Long, ICLR 2019): its singular values
+are those of the small matrices P(w) obtained by transforming the kernel at
+every frequency w. This module generalises that to what real layers do:
+
+* strides: a stride-s convolution is a stride-1 convolution of the s^d
+  polyphase components of its input (space-to-depth), so P(w) is
+  `c_out x (s^d * c_in)` on the (n/s)^d output frequencies; exact, where the
+  published code ignores strides;
+* dilation, and inputs smaller than the (dilated) kernel: taps land at
+  `t * dilation mod n`, so taps that wrap around add up (fold) - NumPy's
+  `fft2(kernel, n)` would silently crop them instead;
+* groups / depthwise: the operator is block diagonal over groups, so every
+  group is its own small matrix;
+* 1-D, 2-D, 3-D, and rank-2 kernels with `input_shape=()` (Dense layers).
+
+Structure used because it is exact: real kernels have P(-w) = conj(P(w)), so
+only half of the frequencies are decomposed (the rest are counted twice);
+kernels whose taps all fall inside one stride (1x1 convs, 2x2 stride-2
+"patchify" convs) have the same matrix at every frequency, so one
+decomposition serves all.
+
+The per-frequency transform is a product of small per-axis DFT matrices (a
+tensordot per spatial axis) rather than a zero-padded FFT: it folds wrapped
+taps, handles dilation and the polyphase split in one step, and costs
+O(n k) per axis, which for conv kernels (k << n) is cheaper than O(n log n).
+
+Decompositions, and where they run: singular values of float32 kernels come
+from `tf.linalg.eigvalsh` of the per-frequency Gram matrices in complex128
+(eigvalsh has CPU and GPU kernels); the few matrices whose condition number
+would make that inaccurate for small singular values are redone with
+`tf.linalg.svd`. float64 kernels use `tf.linalg.svd` throughout, for full
+relative accuracy. TensorFlow has no GPU kernel for complex SVD, so those
+SVDs run on the CPU even inside a GPU program. Operator norms and
+projections use `eigvalsh` / `eigh` only, so they run wholly on a GPU.
+
+Everything here is pure TensorFlow: graph-safe (`tf.function` with static
+kernel shapes), dtype-preserving, and free of Keras.
+"""
+
+import functools
+import math
+
+import numpy as np
+import tensorflow as tf
+
+__all__ = [
+    "METHODS",
+    "DEFAULT_METHOD",
+    "conv_transfer_matrices",
+    "conv_singular_values",
+    "conv_operator_norm",
+    "clip_conv_singular_values",
+]
+
+#: Projection methods accepted by `clip_conv_singular_values`.
+METHODS = ("alternating", "paper", "exact")
+#: The default method: the only cheap one that guarantees the bound.
+DEFAULT_METHOD = "alternating"
+#: Alternating-projection rounds before the final rescale. More rounds move
+#: the result closer to the Euclidean projection (less shrinkage from the
+#: rescale); the bound holds for any number.
+DEFAULT_ALTERNATING_ITERATIONS = 4
+#: Dykstra iterations cap and stopping tolerance (relative change of the
+#: kernel between iterations) for method="exact".
+DEFAULT_EXACT_MAX_ITERATIONS = 500
+DEFAULT_EXACT_TOLERANCE = 1e-7
+#: A float32 Gram eigenvalue below this fraction of the largest one is
+#: recomputed by SVD: the complex128 Gram loses about eps64 * lambda_max, so
+#: above this threshold a singular value keeps ~1e-7 relative accuracy.
+_GRAM_CONDITION_THRESHOLD = 1e-8
+
+#: A kernel whose norm exceeds the bound by less than this (relative) counts
+#: as inside: the rescale lands on the bound up to rounding, and projecting
+#: our own output again must return it unchanged.
+_INSIDE_RTOL = {tf.float32: 1e-6, tf.float64: 1e-12}
+
+
+# ---------------------------------------------------------------------------
+# Argument checking and geometry.
+
+
+def _int_tuple(value, rank, name):
+    """An int or a sequence of `rank` positive ints, as a tuple."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        items = (int(value),) * rank
+    else:
+        try:
+            items = tuple(value)
+        except TypeError:
+            raise ValueError(f"{name} must be an int or a sequence of {rank} ints, "
+                             f"got {name}={value!r}") from None
+        if len(items) != rank:
+            raise ValueError(f"{name} must have {rank} entries (one per spatial axis of "
+                             f"the kernel), got {name}={value!r}")
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+                raise ValueError(f"{name} must hold ints, got {name}={value!r}")
+        items = tuple(int(v) for v in items)
+    for item in items:
+        if item <= 0:
+            raise ValueError(f"{name} must be positive, got {name}={value!r}")
+    return items
+
+
+class _Geometry:
+    """Validated geometry of one convolution and its per-axis DFT factors."""
+
+    def __init__(self, kernel_shape, input_shape, strides, dilation_rate, groups):
+        if kernel_shape.rank is None or not kernel_shape.is_fully_defined():
+            raise ValueError(f"kernel needs a static, fully defined shape, got {kernel_shape}")
+        kernel_shape = tuple(int(d) for d in kernel_shape)
+        if len(kernel_shape) < 2:
+            raise ValueError("kernel must have shape (*spatial, c_in // groups, c_out), "
+                             f"got shape {kernel_shape}")
+        if any(d == 0 for d in kernel_shape):
+            raise ValueError(f"kernel has an empty axis: shape {kernel_shape}")
+        rank = len(kernel_shape) - 2
+        if isinstance(input_shape, (int, np.integer)) and not isinstance(input_shape, bool):
+            if rank == 0:
+                raise ValueError("a rank-2 kernel (a matrix) takes input_shape=(), "
+                                 f"got input_shape={input_shape!r}")
+        elif input_shape is None or len(tuple(input_shape)) != rank:
+            raise ValueError(
+                f"kernel of shape {kernel_shape} has {rank} spatial axes, so input_shape "
+                f"must give {rank} spatial sizes (channels excluded), got "
+                f"input_shape={input_shape!r}")
+        self.rank = rank
+        self.kernel_size = kernel_shape[:rank]
+        self.input_shape = _int_tuple(input_shape, rank, "input_shape")
+        self.strides = _int_tuple(strides, rank, "strides")
+        self.dilation_rate = _int_tuple(dilation_rate, rank, "dilation_rate")
+        if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups <= 0:
+            raise ValueError(f"groups must be a positive int, got groups={groups!r}")
+        self.groups = int(groups)
+        for n, s in zip(self.input_shape, self.strides):
+            if n % s:
+                raise ValueError(
+                    f"strides={self.strides} do not divide input_shape={self.input_shape}: "
+                    f"the circular operator needs each stride to divide its input size "
+                    f"({s} does not divide {n})")
+        self.c_in_group, self.c_out = kernel_shape[-2:]
+        if self.c_out % self.groups:
+            raise ValueError(f"kernel has c_out={self.c_out} output channels, not divisible "
+                             f"by groups={self.groups}")
+        self.c_out_group = self.c_out // self.groups
+        self.c_in = self.c_in_group * self.groups
+        self.out_shape = tuple(n // s for n, s in zip(self.input_shape, self.strides))
+        self.phases = int(np.prod(self.strides, dtype=np.int64))
+        self.rows = self.c_out_group
+        self.cols = self.phases * self.c_in_group
+        # Along an axis whose taps all fall inside one stride (1x1 convs,
+        # 2x2 stride-2 convs), P(w) does not depend on that axis' frequency.
+        constant = [(k - 1) * r < s for k, r, s in
+                    zip(self.kernel_size, self.dilation_rate, self.strides)]
+        # Conjugate symmetry halves one non-constant axis.
+        varying = [axis for axis in range(rank) if not constant[axis]]
+        half_axis = varying[-1] if varying else None
+        self.factors = [
+            _axis_factors(k, n, s, r, half=(axis == half_axis), constant=constant[axis])
+            for axis, (k, n, s, r) in enumerate(
+                zip(self.kernel_size, self.input_shape, self.strides, self.dilation_rate))]
+        self.folded = any(f.folded for f in self.factors)
+        self.freq_shape = tuple(f.forward.shape[0] for f in self.factors)
+        self.num_frequencies = int(np.prod(self.freq_shape, dtype=np.int64))
+        weights = np.ones((), dtype=np.int64)
+        for f in self.factors:
+            weights = np.multiply.outer(weights, f.weights)
+        #: How many of the full spectrum's frequencies each computed one stands for.
+        self.weights = weights.reshape(-1)
+
+
+class _AxisFactors:
+    def __init__(self, forward, inverse, weights, folded):
+        self.forward = forward  # (freqs, stride, k): kernel taps -> P(w)
+        self.inverse = inverse  # (freqs, stride, k): P(w) -> least-squares taps
+        self.weights = weights  # (freqs,): frequencies each one stands for
+        self.folded = folded    # True if two taps share a circular position
+
+
+@functools.lru_cache(maxsize=512)
+def _axis_factors(k, n, s, r, half, constant):
+    """The DFT of one spatial axis, from kernel taps to frequencies and back.
+
+    Tap t sits at input offset t*r = a*s + phase; on the (n/s)-point output
+    grid it contributes exp(-2 pi i w a / m) to polyphase component `phase`.
+    The inverse is the least-squares (pseudo-inverse) map: the adjoint
+    divided by m and by how many taps share each circular position.
+    """
+    m = n // s
+    offsets = np.arange(k) * r
+    phase, shift = offsets % s, offsets // s
+    if constant:
+        freqs, weights = np.zeros(1, np.int64), np.array([m])
+    elif half:
+        freqs = np.arange(m // 2 + 1)
+        weights = np.where((freqs == 0) | (2 * freqs == m), 1, 2)
+    else:
+        freqs, weights = np.arange(m), np.ones(m, np.int64)
+    forward = np.zeros((len(freqs), s, k), np.complex128)
+    forward[:, phase, np.arange(k)] = np.exp(-2j * np.pi * np.outer(freqs, shift) / m)
+    positions = offsets % n
+    multiplicity = np.array([np.sum(positions == p) for p in positions])
+    inverse = (weights[:, None, None] * np.conj(forward)) / (m * multiplicity)[None, None, :]
+    return _AxisFactors(forward, inverse, weights.astype(np.int64), bool(multiplicity.max() > 1))
+
+
+def _tiny(dtype):
+    return tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
+
+
+def _prepare_kernel(kernel, name="kernel"):
+    """Kernel as a float tensor, with a finiteness check that also runs in graphs."""
+    kernel = tf.convert_to_tensor(kernel)
+    if kernel.dtype.is_complex or kernel.dtype == tf.bool or kernel.dtype == tf.string:
+        raise TypeError(f"{name} must be real floating point, got dtype {kernel.dtype.name}")
+    if kernel.dtype.is_integer:
+        kernel = tf.cast(kernel, tf.float32)
+    kernel = tf.debugging.assert_all_finite(
+        kernel, f"{name} has NaN or Inf entries; refusing to compute a spectrum of it")
+    return kernel
+
+
+def _work_dtypes(dtype, precise):
+    """(real, complex) dtypes to compute in. Half types compute in float32."""
+    if dtype == tf.float64 or precise:
+        return tf.float64, tf.complex128
+    return tf.float32, tf.complex64
+
+
+# ---------------------------------------------------------------------------
+# Kernel <-> per-frequency matrices.
+
+
+def _forward(kernel, geometry, complex_dtype):
+    """Per-frequency matrices, shape (frequencies, groups, rows, cols).
+
+    Works on real and imaginary parts separately: a real kernel needs half
+    the products, and TF's complex128 tensordot is several times slower than
+    two float64 ones.
+    """
+    g = geometry
+    real_dtype = complex_dtype.real_dtype
+    real = tf.reshape(tf.cast(kernel, real_dtype), g.kernel_size + (g.c_in_group * g.c_out,))
+    imag = None
+    for f in g.factors:
+        # Contract the leading tap axis; (freq, phase) axes are appended.
+        f_re = tf.constant(f.forward.real, real_dtype)
+        f_im = tf.constant(f.forward.imag, real_dtype)
+        dot = functools.partial(tf.tensordot, axes=[[0], [2]])
+        if imag is None:
+            real, imag = dot(real, f_re), dot(real, f_im)
+        else:
+            real, imag = dot(real, f_re) - dot(imag, f_im), dot(real, f_im) + dot(imag, f_re)
+    x = tf.complex(real, imag) if imag is not None else tf.cast(real, complex_dtype)
+    # x: (c_in_group * c_out, w_1, phase_1, ..., w_d, phase_d)
+    x = tf.reshape(x, (g.c_in_group, g.groups, g.c_out_group)
+                   + sum(((w, s) for w, s in zip(g.freq_shape, g.strides)), ()))
+    d = g.rank
+    freq_axes = [3 + 2 * j for j in range(d)]
+    phase_axes = [4 + 2 * j for j in range(d)]
+    x = tf.transpose(x, freq_axes + [1, 2] + phase_axes + [0])
+    return tf.reshape(x, (g.num_frequencies, g.groups, g.rows, g.cols))
+
+
+def _inverse(matrices, geometry, real_dtype):
+    """Least-squares kernel (same support) of conjugate-symmetric per-frequency matrices."""
+    g = geometry
+    complex_dtype = matrices.dtype
+    d = g.rank
+    x = tf.reshape(matrices, g.freq_shape + (g.groups, g.c_out_group) + g.strides
+                   + (g.c_in_group,))
+    # -> (c_in_group, groups, c_out_group, w_1, phase_1, ..., w_d, phase_d)
+    perm = [2 * d + 2, d, d + 1] + sum(([j, d + 2 + j] for j in range(d)), [])
+    x = tf.transpose(x, perm)
+    x = tf.reshape(x, (g.c_in_group * g.c_out,)
+                   + sum(((w, s) for w, s in zip(g.freq_shape, g.strides)), ()))
+    for f in g.factors:
+        # Contract the (freq, phase) pair after the channel axis; tap axis appended.
+        x = tf.tensordot(x, tf.constant(f.inverse, complex_dtype), axes=[[1, 2], [0, 1]])
+    # x: (c_in_group * c_out, k_1, ..., k_d); the imaginary part is rounding.
+    x = tf.math.real(x)
+    x = tf.transpose(x, list(range(1, d + 1)) + [0])
+    return tf.cast(tf.reshape(x, g.kernel_size + (g.c_in_group, g.c_out)), real_dtype)
+
+
+# ---------------------------------------------------------------------------
+# Per-matrix linear algebra.
+
+
+def _gram(matrices):
+    """The smaller Gram matrix, P P^H or P^H P."""
+    rows, cols = matrices.shape[-2:]
+    return tf.matmul(matrices, matrices, adjoint_b=rows <= cols,
+                     adjoint_a=rows > cols)
+
+
+def _matrix_singular_values(matrices, use_svd):
+    """Singular values of each matrix (any batch shape), ascending."""
+    rows, cols = matrices.shape[-2:]
+    if min(rows, cols) == 1:
+        axis = -1 if rows == 1 else -2
+        return tf.sqrt(tf.reduce_sum(tf.math.square(tf.abs(matrices)), axis=axis))
+    if use_svd:
+        return tf.reverse(tf.linalg.svd(matrices, compute_uv=False), axis=[-1])
+    eigenvalues = tf.math.real(tf.linalg.eigvalsh(_gram(matrices)))
+    values = tf.sqrt(tf.maximum(eigenvalues, 0.0))
+    # Ill-conditioned matrices (and exactly singular ones) lose their small
+    # singular values in the Gram matrix; redo just those with an SVD.
+    lam_max = eigenvalues[..., -1:]
+    poor = tf.where(eigenvalues[..., 0] <= _GRAM_CONDITION_THRESHOLD * lam_max[..., 0])
+    redone = tf.reverse(tf.linalg.svd(tf.gather_nd(matrices, poor), compute_uv=False),
+                        axis=[-1])
+    return tf.tensor_scatter_nd_update(values, poor, redone)
+
+
+def _matrix_largest_singular_value(matrices):
+    rows, cols = matrices.shape[-2:]
+    if min(rows, cols) == 1:
+        return _matrix_singular_values(matrices, use_svd=False)[..., 0]
+    return tf.sqrt(tf.maximum(tf.math.real(tf.linalg.eigvalsh(_gram(matrices)))[..., -1], 0.0))
+
+
+def _clip_matrices(matrices, max_norm):
+    """Clip every matrix's singular values at max_norm (the Frobenius-nearest
+    matrix with spectral norm <= max_norm), through the Gram matrix's eigh,
+    which unlike complex SVD has GPU kernels."""
+    rows, cols = matrices.shape[-2:]
+    real_dtype = matrices.dtype.real_dtype
+    max_norm = tf.cast(max_norm, real_dtype)
+    if min(rows, cols) == 1:
+        # A row or column: its Frobenius norm is its only singular value.
+        sigma = tf.sqrt(tf.reduce_sum(tf.math.square(tf.abs(matrices)), axis=[-2, -1],
+                                      keepdims=True))
+        scale = tf.minimum(1.0, max_norm / tf.maximum(sigma, _tiny(real_dtype)))
+        return matrices * tf.cast(scale, matrices.dtype)
+    eigenvalues, vectors = tf.linalg.eigh(_gram(matrices))
+    eigenvalues = tf.math.real(eigenvalues)
+    sigma = tf.sqrt(tf.maximum(eigenvalues, 0.0))
+    # Scale factor 1 for every singular value already below the bound (and
+    # for zero ones); max_norm / sigma above it.
+    scale = tf.where(sigma > max_norm, max_norm / tf.maximum(sigma, max_norm), 1.0)
+    shrink = tf.matmul(vectors * tf.cast(scale, matrices.dtype)[..., None, :], vectors,
+                       adjoint_b=True)
+    if rows <= cols:
+        return tf.matmul(shrink, matrices)
+    return tf.matmul(matrices, shrink)
+
+
+# ---------------------------------------------------------------------------
+# Public API.
+
+
+def conv_transfer_matrices(kernel, input_shape, strides=1, dilation_rate=1, groups=1):
+    """The per-frequency matrices whose singular values are the operator's.
+
+    Args:
+      kernel: Keras layout `(*spatial, c_in // groups, c_out)`, array or tensor.
+      input_shape: spatial input size (an int: the same on every axis).
+      strides, dilation_rate: int or per-axis tuple, as Keras layers take them.
+      groups: channel groups (`c_in` for depthwise).
+
+    Returns:
+      `(matrices, weights)`: complex `matrices` of shape
+      `(frequencies, groups, c_out // groups, prod(strides) * c_in // groups)`
+      (complex64 for float32 kernels, complex128 for float64) and int64
+      `weights` of shape `(frequencies,)`: how many frequencies of the full
+      spectrum each matrix stands for (conjugate pairs count twice; a
+      frequency-independent matrix counts for all). The operator's singular
+      values are those of every matrix, each repeated `weights` times.
+    """
+    kernel = _prepare_kernel(kernel)
+    geometry = _Geometry(kernel.shape, input_shape, strides, dilation_rate, groups)
+    _, complex_dtype = _work_dtypes(kernel.dtype, precise=False)
+    return _forward(kernel, geometry, complex_dtype), tf.constant(geometry.weights)
+
+
+def conv_singular_values(kernel, input_shape, strides=1, dilation_rate=1, groups=1):
+    """Every singular value of a convolution layer's linear operator.
+
+    Exact for circular ("wrap-around") boundary conditions. For zero-padded
+    layers ('same' / 'valid') the circular operator's largest singular value
+    bounds the padded operator's norm from above (the padded operator is a
+    restriction of a circular one on a larger grid when the input is padded
+    first; in practice the two spectra agree closely away from the edges).
+
+    Args:
+      kernel: Keras layout `(*spatial, c_in // groups, c_out)` for a 1-D, 2-D
+        or 3-D convolution (a rank-2 `(in, out)` matrix with `input_shape=()`
+        for a Dense layer); NumPy array or tensor, float32 or float64.
+      input_shape: the spatial input size (no batch, no channels); an int
+        means that size on every spatial axis. It may be smaller than the
+        kernel: wrapped taps fold onto each other, as in the operator.
+      strides: int or per-axis tuple; each stride must divide its input size.
+      dilation_rate: int or per-axis tuple.
+      groups: number of channel groups; `c_in` for a depthwise convolution.
+
+    Returns:
+      A 1-D tensor in the kernel's dtype holding all
+      `groups * prod(input_shape / strides) * min(c_out / groups,
+      prod(strides) * c_in / groups)` singular values, multiplicities kept,
+      sorted descending.
+
+    Raises:
+      ValueError: inconsistent shapes, a stride that does not divide the
+        input size, or non-positive sizes.
+      tf.errors.InvalidArgumentError: NaN or Inf in the kernel.
+    """
+    kernel = _prepare_kernel(kernel)
+    geometry = _Geometry(kernel.shape, input_shape, strides, dilation_rate, groups)
+    out_dtype = kernel.dtype
+    # float32 results are built in float64: the Gram route needs the headroom.
+    _, complex_dtype = _work_dtypes(kernel.dtype, precise=True)
+    matrices = _forward(kernel, geometry, complex_dtype)
+    values = _matrix_singular_values(matrices, use_svd=out_dtype == tf.float64)
+    counts = tf.broadcast_to(tf.constant(geometry.weights)[:, None, None], values.shape)
+    values = tf.repeat(tf.reshape(values, [-1]), tf.reshape(counts, [-1]))
+    values = tf.sort(values, direction="DESCENDING")
+    return tf.cast(values, out_dtype)
+
+
+def conv_operator_norm(kernel, input_shape, strides=1, dilation_rate=1, groups=1):
+    """The largest singular value of the layer's operator (circular boundary).
+
+    Same arguments as `conv_singular_values`. Differentiable with respect to
+    the kernel. Computed from `eigvalsh` of the per-frequency Gram matrices
+    in float64 (accurate to ~1e-14 relative for the largest singular value),
+    so it runs on a GPU; the result has the kernel's dtype.
+    """
+    kernel = _prepare_kernel(kernel)
+    geometry = _Geometry(kernel.shape, input_shape, strides, dilation_rate, groups)
+    _, complex_dtype = _work_dtypes(kernel.dtype, precise=True)
+    matrices = _forward(kernel, geometry, complex_dtype)
+    return tf.cast(tf.reduce_max(_matrix_largest_singular_value(matrices)), kernel.dtype)
+
+
+def _check_max_norm(max_norm):
+    if tf.is_tensor(max_norm) and not tf.executing_eagerly():
+        message = f"max_norm must be a positive finite number, got max_norm={max_norm!r}"
+        value = tf.debugging.assert_all_finite(tf.cast(max_norm, tf.float64), message)
+        with tf.control_dependencies([tf.debugging.assert_positive(value, message=message)]):
+            return tf.identity(value)
+    value = np.asarray(max_norm.numpy() if tf.is_tensor(max_norm) else max_norm)
+    if value.ndim != 0 or not np.issubdtype(value.dtype, np.number) or np.iscomplexobj(value):
+        raise ValueError(f"max_norm must be a positive finite number, got max_norm={max_norm!r}")
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"max_norm must be a positive finite number, got max_norm={max_norm!r}")
+    return float(value)
+
+
+def clip_conv_singular_values(kernel, input_shape, max_norm, strides=1, dilation_rate=1,
+                              groups=1, method=DEFAULT_METHOD, iterations=None,
+                              tolerance=DEFAULT_EXACT_TOLERANCE):
+    """Project a kernel towards {kernels of this support with operator norm <= max_norm}.
+
+    Every per-frequency singular value above `max_norm` is clipped to it and
+    the result is mapped back to a kernel of the original shape and support
+    (the least-squares kernel, which for an input at least as large as the
+    dilated kernel is the inverse DFT cut back to the support). That last
+    step can raise the norm again; the methods differ in what they do next.
+
+    Args:
+      kernel, input_shape, strides, dilation_rate, groups: as in
+        `conv_singular_values`.
+      max_norm: the bound, a positive finite number (or scalar tensor).
+      method:
+        * "alternating" (default): `iterations` rounds (default 4) of clip
+          then cut back (alternating projections between the norm ball and
+          the support), then one rescale by `max_norm / norm` if the norm is
+          still above the bound. Guarantees
+          `conv_operator_norm(result) <= max_norm` up to float rounding
+          (well inside `max_norm * (1 + 1e-4)`).
+        * "paper": the published single clip-then-cut (Sedghi et al. 2019),
+          for reproducing the paper. Does not guarantee the bound.
+        * "exact": the Euclidean (Frobenius) projection of the kernel onto
+          {this support} intersected with {operator norm <= max_norm}, by
+          Dykstra's alternating projections, stopped when an iteration
+          changes the kernel by less than `tolerance` (relative) or after
+          `iterations` (default 500); then the same guarantee rescale as
+          "alternating" (a no-op once converged). Needs an input at least as
+          large as the dilated kernel on every axis (without folded taps the
+          DFT is an isometry on kernels, which makes the operator-space
+          projection the kernel-space one).
+      iterations: rounds for "alternating" / cap for "exact".
+      tolerance: stopping tolerance for "exact".
+
+    Returns:
+      A kernel of the same shape and dtype. For "alternating" and "exact" a
+      kernel already inside the set is returned unchanged.
+
+    Raises:
+      ValueError: bad geometry, `max_norm` <= 0 or not finite, unknown method.
+      tf.errors.InvalidArgumentError: NaN or Inf in the kernel (nothing is
+        returned that could be written into a variable).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got method={method!r}")
+    max_norm = _check_max_norm(max_norm)
+    kernel = _prepare_kernel(kernel)
+    geometry = _Geometry(kernel.shape, input_shape, strides, dilation_rate, groups)
+    if iterations is None:
+        iterations = (DEFAULT_EXACT_MAX_ITERATIONS if method == "exact"
+                      else DEFAULT_ALTERNATING_ITERATIONS)
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) \
+            or iterations < 1:
+        raise ValueError(f"iterations must be a positive int, got iterations={iterations!r}")
+    if method == "exact" and geometry.folded:
+        raise ValueError(
+            f"method='exact' needs input_shape={geometry.input_shape} at least as large as "
+            f"the dilated kernel ({tuple((k - 1) * r + 1 for k, r in zip(geometry.kernel_size, geometry.dilation_rate))}) "
+            "on every axis; use method='alternating'")
+    out_dtype = kernel.dtype
+    real_dtype, complex_dtype = _work_dtypes(out_dtype, precise=False)
+    work = tf.cast(kernel, real_dtype)
+    bound = tf.cast(max_norm, real_dtype)
+
+    def norm_of(k):
+        return conv_operator_norm(k, geometry.input_shape, geometry.strides,
+                                  geometry.dilation_rate, geometry.groups)
+
+    def clip_once(k):
+        return _inverse(_clip_matrices(_forward(k, geometry, complex_dtype), bound),
+                        geometry, real_dtype)
+
+    def rescale(k):
+        norm = norm_of(k)
+        return k * tf.where(norm > bound, bound / norm, tf.ones_like(norm))
+
+    if method == "paper":
+        return tf.cast(clip_once(work), out_dtype)
+
+    def project():
+        if method == "alternating":
+            k = work
+            for _ in range(int(iterations)):
+                k = clip_once(k)
+            return rescale(k)
+        return rescale(_dykstra(work, geometry, bound, complex_dtype, real_dtype,
+                                int(iterations), tolerance))
+
+    inside = norm_of(work) <= bound * (1 + _INSIDE_RTOL[real_dtype])
+    return tf.cast(tf.cond(inside, lambda: work, project), out_dtype)
+
+
+def _dykstra(kernel, geometry, bound, complex_dtype, real_dtype, max_iterations, tolerance):
+    """Dykstra's algorithm between the norm ball (per-frequency clip) and the
+    support subspace (least-squares cut back). The subspace being linear, only
+    the ball step needs a correction term."""
+    matrices = _forward(kernel, geometry, complex_dtype)
+    tolerance = tf.cast(tolerance, real_dtype)
+
+    def body(i, k, correction, _):
+        shifted = _forward(k, geometry, complex_dtype) + correction
+        clipped = _clip_matrices(shifted, bound)
+        new_k = _inverse(clipped, geometry, real_dtype)
+        change = tf.norm(new_k - k) / tf.maximum(tf.norm(new_k), _tiny(real_dtype))
+        return i + 1, new_k, shifted - clipped, change
+
+    def cond(i, k, correction, change):
+        return tf.logical_and(i < max_iterations, change > tolerance)
+
+    _, k, _, _ = tf.while_loop(
+        cond, body,
+        (tf.constant(0), kernel, tf.zeros_like(matrices), tf.constant(np.inf, real_dtype)))
+    return k
