@@ -72,6 +72,12 @@ DEFAULT_EXACT_TOLERANCE = 1e-7
 #: above this threshold a singular value keeps ~1e-7 relative accuracy.
 _GRAM_CONDITION_THRESHOLD = 1e-8
 
+#: Squarings of the Gram matrix behind the cheap per-frequency bounds that
+#: pick the candidates for the largest singular value; the upper bound is
+#: within a factor size^(1/2^j) of the truth.
+_GRAM_SQUARINGS = 3
+#: Relative rounding allowance on those bounds, so that no candidate is lost.
+_BOUND_SLACK = {tf.float32: 1e-4, tf.float64: 1e-10}
 #: A kernel whose norm exceeds the bound by less than this (relative) counts
 #: as inside: the rescale lands on the bound up to rounding, and projecting
 #: our own output again must return it unchanged.
@@ -223,9 +229,9 @@ def _prepare_kernel(kernel, name="kernel"):
     return kernel
 
 
-def _work_dtypes(dtype, precise):
+def _work_dtypes(dtype):
     """(real, complex) dtypes to compute in. Half types compute in float32."""
-    if dtype == tf.float64 or precise:
+    if dtype == tf.float64:
         return tf.float64, tf.complex128
     return tf.float32, tf.complex64
 
@@ -298,8 +304,9 @@ def _gram(matrices):
 
 
 def _matrix_singular_values(matrices, use_svd):
-    """Singular values of each matrix (any batch shape), ascending."""
+    """Singular values of each matrix (any batch shape), ascending, float64."""
     rows, cols = matrices.shape[-2:]
+    matrices = tf.cast(matrices, tf.complex128)
     if min(rows, cols) == 1:
         axis = -1 if rows == 1 else -2
         return tf.sqrt(tf.reduce_sum(tf.math.square(tf.abs(matrices)), axis=axis))
@@ -316,11 +323,41 @@ def _matrix_singular_values(matrices, use_svd):
     return tf.tensor_scatter_nd_update(values, poor, redone)
 
 
-def _matrix_largest_singular_value(matrices):
+def _largest_singular_value(matrices):
+    """The largest singular value over a whole batch of matrices, exactly.
+
+    Decomposing every frequency is wasteful when only the maximum matters.
+    Cheap bounds from repeated squaring of the trace-normalised Gram matrix
+    H (Gram iteration): lambda_max(H) <= ||H^(2^j)||_F^(1/2^j), and a
+    Rayleigh quotient of H at a column of H^(2^j) is a lower bound.
+    Every matrix whose upper bound reaches the best lower bound over the
+    batch is a candidate for the maximum; only those (usually one or two)
+    get an exact eigendecomposition, in complex128. Gradients flow through
+    that decomposition.
+    """
     rows, cols = matrices.shape[-2:]
+    matrices = tf.reshape(matrices, (-1, rows, cols))
     if min(rows, cols) == 1:
-        return _matrix_singular_values(matrices, use_svd=False)[..., 0]
-    return tf.sqrt(tf.maximum(tf.math.real(tf.linalg.eigvalsh(_gram(matrices)))[..., -1], 0.0))
+        return tf.reduce_max(_matrix_singular_values(matrices, use_svd=False))
+    real_dtype = matrices.dtype.real_dtype
+    gram = _gram(matrices)
+    trace = tf.math.real(tf.linalg.trace(gram))
+    normalised = gram / tf.cast(tf.maximum(trace, _tiny(real_dtype)), gram.dtype)[:, None, None]
+    power = normalised
+    for _ in range(_GRAM_SQUARINGS):
+        power = tf.matmul(power, power)
+    upper = trace * tf.norm(tf.abs(power), axis=[-2, -1]) ** (1.0 / 2 ** _GRAM_SQUARINGS)
+    column = tf.argmax(tf.math.real(tf.linalg.diag_part(power)), axis=-1)
+    vector = tf.gather(tf.linalg.matrix_transpose(power), column, batch_dims=1)
+    quotient = (tf.reduce_sum(tf.math.conj(vector) * tf.linalg.matvec(normalised, vector), -1)
+                / tf.cast(tf.maximum(tf.reduce_sum(tf.abs(vector) ** 2, -1), _tiny(real_dtype)),
+                          gram.dtype))
+    lower = tf.reduce_max(trace * tf.math.real(quotient))
+    slack = _BOUND_SLACK[real_dtype]
+    candidates = tf.where(upper >= lower * (1 - slack))[:, 0]
+    chosen = tf.cast(tf.gather(matrices, candidates), tf.complex128)
+    top = tf.math.real(tf.linalg.eigvalsh(_gram(chosen)))[:, -1]
+    return tf.sqrt(tf.maximum(tf.reduce_max(top), 0.0))
 
 
 def _clip_matrices(matrices, max_norm):
@@ -373,7 +410,7 @@ def conv_transfer_matrices(kernel, input_shape, strides=1, dilation_rate=1, grou
     """
     kernel = _prepare_kernel(kernel)
     geometry = _Geometry(kernel.shape, input_shape, strides, dilation_rate, groups)
-    _, complex_dtype = _work_dtypes(kernel.dtype, precise=False)
+    _, complex_dtype = _work_dtypes(kernel.dtype)
     return _forward(kernel, geometry, complex_dtype), tf.constant(geometry.weights)
 
 
@@ -411,8 +448,9 @@ def conv_singular_values(kernel, input_shape, strides=1, dilation_rate=1, groups
     kernel = _prepare_kernel(kernel)
     geometry = _Geometry(kernel.shape, input_shape, strides, dilation_rate, groups)
     out_dtype = kernel.dtype
-    # float32 results are built in float64: the Gram route needs the headroom.
-    _, complex_dtype = _work_dtypes(kernel.dtype, precise=True)
+    _, complex_dtype = _work_dtypes(kernel.dtype)
+    # The transform keeps the kernel's precision; the decomposition runs in
+    # complex128, since the Gram route squares the condition number.
     matrices = _forward(kernel, geometry, complex_dtype)
     values = _matrix_singular_values(matrices, use_svd=out_dtype == tf.float64)
     counts = tf.broadcast_to(tf.constant(geometry.weights)[:, None, None], values.shape)
@@ -425,15 +463,16 @@ def conv_operator_norm(kernel, input_shape, strides=1, dilation_rate=1, groups=1
     """The largest singular value of the layer's operator (circular boundary).
 
     Same arguments as `conv_singular_values`. Differentiable with respect to
-    the kernel. Computed from `eigvalsh` of the per-frequency Gram matrices
-    in float64 (accurate to ~1e-14 relative for the largest singular value),
-    so it runs on a GPU; the result has the kernel's dtype.
+    the kernel. Exact, not an estimate: cheap Gram-iteration bounds select the
+    few frequencies that can hold the maximum, and only those are
+    decomposed, by `eigvalsh` in complex128 (so this runs on a GPU too). The
+    result has the kernel's dtype.
     """
     kernel = _prepare_kernel(kernel)
     geometry = _Geometry(kernel.shape, input_shape, strides, dilation_rate, groups)
-    _, complex_dtype = _work_dtypes(kernel.dtype, precise=True)
+    _, complex_dtype = _work_dtypes(kernel.dtype)
     matrices = _forward(kernel, geometry, complex_dtype)
-    return tf.cast(tf.reduce_max(_matrix_largest_singular_value(matrices)), kernel.dtype)
+    return tf.cast(_largest_singular_value(matrices), kernel.dtype)
 
 
 def _check_max_norm(max_norm):
@@ -512,7 +551,7 @@ def clip_conv_singular_values(kernel, input_shape, max_norm, strides=1, dilation
             f"the dilated kernel ({tuple((k - 1) * r + 1 for k, r in zip(geometry.kernel_size, geometry.dilation_rate))}) "
             "on every axis; use method='alternating'")
     out_dtype = kernel.dtype
-    real_dtype, complex_dtype = _work_dtypes(out_dtype, precise=False)
+    real_dtype, complex_dtype = _work_dtypes(out_dtype)
     work = tf.cast(kernel, real_dtype)
     bound = tf.cast(max_norm, real_dtype)
 
@@ -537,11 +576,31 @@ def clip_conv_singular_values(kernel, input_shape, max_norm, strides=1, dilation
             for _ in range(int(iterations)):
                 k = clip_once(k)
             return rescale(k)
-        return rescale(_dykstra(work, geometry, bound, complex_dtype, real_dtype,
-                                int(iterations), tolerance))
+        run = _dykstra_function(tuple(kernel.shape), geometry.input_shape, geometry.strides,
+                                geometry.dilation_rate, geometry.groups, real_dtype.name,
+                                int(iterations), float(tolerance))
+        return rescale(run(work, bound))
 
     inside = norm_of(work) <= bound * (1 + _INSIDE_RTOL[real_dtype])
     return tf.cast(tf.cond(inside, lambda: work, project), out_dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _dykstra_function(kernel_shape, input_shape, strides, dilation_rate, groups, dtype_name,
+                      max_iterations, tolerance):
+    """Dykstra's loop as a tf.function per geometry: eagerly, hundreds of
+    iterations of small ops would cost seconds."""
+    geometry = _Geometry(tf.TensorShape(kernel_shape), input_shape, strides, dilation_rate,
+                         groups)
+    real_dtype = tf.as_dtype(dtype_name)
+    _, complex_dtype = _work_dtypes(real_dtype)
+
+    @tf.function
+    def run(kernel, bound):
+        return _dykstra(kernel, geometry, bound, complex_dtype, real_dtype, max_iterations,
+                        tolerance)
+
+    return run
 
 
 def _dykstra(kernel, geometry, bound, complex_dtype, real_dtype, max_iterations, tolerance):
