@@ -323,24 +323,15 @@ def _matrix_singular_values(matrices, use_svd):
     return tf.tensor_scatter_nd_update(values, poor, redone)
 
 
-def _largest_singular_value(matrices):
-    """The largest singular value over a whole batch of matrices, exactly.
+def _eigenvalue_bounds(gram):
+    """Cheap bounds on each Gram matrix's largest eigenvalue (Gram iteration).
 
-    Decomposing every frequency is wasteful when only the maximum matters.
-    Cheap bounds from repeated squaring of the trace-normalised Gram matrix
-    H (Gram iteration): lambda_max(H) <= ||H^(2^j)||_F^(1/2^j), and a
-    Rayleigh quotient of H at a column of H^(2^j) is a lower bound.
-    Every matrix whose upper bound reaches the best lower bound over the
-    batch is a candidate for the maximum; only those (usually one or two)
-    get an exact eigendecomposition, in complex128. Gradients flow through
-    that decomposition.
+    With H the trace-normalised Gram matrix, lambda_max(H) <=
+    ||H^(2^j)||_F^(1/2^j) (within a factor size^(1/2^j)), and the Rayleigh
+    quotient of H at the largest-diagonal column of H^(2^j) is a lower bound.
+    Returns (upper, lower), each of shape (batch,), in the Gram's real dtype.
     """
-    rows, cols = matrices.shape[-2:]
-    matrices = tf.reshape(matrices, (-1, rows, cols))
-    if min(rows, cols) == 1:
-        return tf.reduce_max(_matrix_singular_values(matrices, use_svd=False))
-    real_dtype = matrices.dtype.real_dtype
-    gram = _gram(matrices)
+    real_dtype = gram.dtype.real_dtype
     trace = tf.math.real(tf.linalg.trace(gram))
     normalised = gram / tf.cast(tf.maximum(trace, _tiny(real_dtype)), gram.dtype)[:, None, None]
     power = normalised
@@ -352,18 +343,47 @@ def _largest_singular_value(matrices):
     quotient = (tf.reduce_sum(tf.math.conj(vector) * tf.linalg.matvec(normalised, vector), -1)
                 / tf.cast(tf.maximum(tf.reduce_sum(tf.abs(vector) ** 2, -1), _tiny(real_dtype)),
                           gram.dtype))
-    lower = tf.reduce_max(trace * tf.math.real(quotient))
-    slack = _BOUND_SLACK[real_dtype]
-    candidates = tf.where(upper >= lower * (1 - slack))[:, 0]
+    return upper, trace * tf.math.real(quotient)
+
+
+def _max_abs(x):
+    """max |x|, or 1 for an all-zero x: a scale that keeps squares in range."""
+    scale = tf.reduce_max(tf.abs(x))
+    return tf.where(scale > 0, scale, tf.ones_like(scale))
+
+
+def _largest_singular_value(matrices):
+    """The largest singular value over a whole batch of matrices, exactly.
+
+    Decomposing every frequency is wasteful when only the maximum matters:
+    every matrix whose upper bound (`_eigenvalue_bounds`) reaches the best
+    lower bound over the batch is a candidate for the maximum, and only those
+    (usually one or two) get an exact eigendecomposition, in complex128.
+    Gradients flow through that decomposition.
+    """
+    rows, cols = matrices.shape[-2:]
+    matrices = tf.reshape(matrices, (-1, rows, cols))
+    if min(rows, cols) == 1:
+        return tf.reduce_max(_matrix_singular_values(matrices, use_svd=False))
+    # Scaled so that squaring cannot overflow (or underflow) in complex64.
+    scale = tf.stop_gradient(_max_abs(matrices))
+    upper, lower = _eigenvalue_bounds(_gram(matrices / tf.cast(scale, matrices.dtype)))
+    slack = _BOUND_SLACK[matrices.dtype.real_dtype]
+    candidates = tf.where(upper >= tf.reduce_max(lower) * (1 - slack))[:, 0]
     chosen = tf.cast(tf.gather(matrices, candidates), tf.complex128)
     top = tf.math.real(tf.linalg.eigvalsh(_gram(chosen)))[:, -1]
-    return tf.sqrt(tf.maximum(tf.reduce_max(top), 0.0))
+    return tf.cast(tf.sqrt(tf.maximum(tf.reduce_max(top), 0.0)), matrices.dtype.real_dtype)
 
 
 def _clip_matrices(matrices, max_norm):
     """Clip every matrix's singular values at max_norm (the Frobenius-nearest
     matrix with spectral norm <= max_norm), through the Gram matrix's eigh,
-    which unlike complex SVD has GPU kernels."""
+    which unlike complex SVD has GPU kernels.
+
+    Matrices whose Gram-iteration upper bound is already within the bound are
+    left as they are, without a decomposition: after the first projection of
+    a training run that is most of them.
+    """
     rows, cols = matrices.shape[-2:]
     real_dtype = matrices.dtype.real_dtype
     max_norm = tf.cast(max_norm, real_dtype)
@@ -373,17 +393,22 @@ def _clip_matrices(matrices, max_norm):
                                       keepdims=True))
         scale = tf.minimum(1.0, max_norm / tf.maximum(sigma, _tiny(real_dtype)))
         return matrices * tf.cast(scale, matrices.dtype)
-    eigenvalues, vectors = tf.linalg.eigh(_gram(matrices))
-    eigenvalues = tf.math.real(eigenvalues)
-    sigma = tf.sqrt(tf.maximum(eigenvalues, 0.0))
+    shape = tf.shape(matrices)
+    flat = tf.reshape(matrices, (-1, rows, cols))
+    gram = _gram(flat)
+    upper, _ = _eigenvalue_bounds(gram)
+    slack = _BOUND_SLACK[real_dtype]
+    over = tf.where(upper > tf.square(max_norm) * (1 - slack))
+    eigenvalues, vectors = tf.linalg.eigh(tf.gather_nd(gram, over))
+    sigma = tf.sqrt(tf.maximum(tf.math.real(eigenvalues), 0.0))
     # Scale factor 1 for every singular value already below the bound (and
     # for zero ones); max_norm / sigma above it.
-    scale = tf.where(sigma > max_norm, max_norm / tf.maximum(sigma, max_norm), 1.0)
-    shrink = tf.matmul(vectors * tf.cast(scale, matrices.dtype)[..., None, :], vectors,
+    factor = tf.where(sigma > max_norm, max_norm / tf.maximum(sigma, max_norm), 1.0)
+    shrink = tf.matmul(vectors * tf.cast(factor, matrices.dtype)[..., None, :], vectors,
                        adjoint_b=True)
-    if rows <= cols:
-        return tf.matmul(shrink, matrices)
-    return tf.matmul(matrices, shrink)
+    chosen = tf.gather_nd(flat, over)
+    clipped = tf.matmul(shrink, chosen) if rows <= cols else tf.matmul(chosen, shrink)
+    return tf.reshape(tf.tensor_scatter_nd_update(flat, over, clipped), shape)
 
 
 # ---------------------------------------------------------------------------
@@ -552,8 +577,11 @@ def clip_conv_singular_values(kernel, input_shape, max_norm, strides=1, dilation
             "on every axis; use method='alternating'")
     out_dtype = kernel.dtype
     real_dtype, complex_dtype = _work_dtypes(out_dtype)
-    work = tf.cast(kernel, real_dtype)
-    bound = tf.cast(max_norm, real_dtype)
+    # The projection is positively homogeneous, so work on kernel / max|kernel|:
+    # Gram matrices of a huge (diverged but finite) kernel would overflow.
+    scale = _max_abs(tf.cast(kernel, real_dtype))
+    work = tf.cast(kernel, real_dtype) / scale
+    bound = tf.cast(max_norm, real_dtype) / scale
 
     def norm_of(k):
         return conv_operator_norm(k, geometry.input_shape, geometry.strides,
@@ -568,7 +596,7 @@ def clip_conv_singular_values(kernel, input_shape, max_norm, strides=1, dilation
         return k * tf.where(norm > bound, bound / norm, tf.ones_like(norm))
 
     if method == "paper":
-        return tf.cast(clip_once(work), out_dtype)
+        return tf.cast(clip_once(work) * scale, out_dtype)
 
     def project():
         if method == "alternating":
@@ -582,7 +610,9 @@ def clip_conv_singular_values(kernel, input_shape, max_norm, strides=1, dilation
         return rescale(run(work, bound))
 
     inside = norm_of(work) <= bound * (1 + _INSIDE_RTOL[real_dtype])
-    return tf.cast(tf.cond(inside, lambda: work, project), out_dtype)
+    # Inside: the input itself, bit for bit, not work * scale.
+    return tf.cond(inside, lambda: tf.identity(kernel),
+                   lambda: tf.cast(project() * scale, out_dtype))
 
 
 @functools.lru_cache(maxsize=64)
