@@ -1,6 +1,8 @@
 """tfconvnorm: exact singular values of convolutional layers, and operator-norm projections.
 
-The public API is re-exported here; see README.md for a tour.
+The public API is re-exported here; see README.md for a tour. Importing the
+package registers the Keras constraint and regularizer for `.keras` loading,
+and does not import matplotlib, absl flags or TFDS.
 """
 
 from tfconvnorm import reference
@@ -12,5 +14,18 @@ from tfconvnorm.spectral import (
     conv_singular_values,
     conv_transfer_matrices,
 )
+from tfconvnorm.geometry import (
+    ALL_KINDS,
+    CONV_KINDS,
+    ConvGeometry,
+    LayerOperator,
+    layer_geometry,
+    model_geometry,
+)
+from tfconvnorm.constraints import OperatorNormConstraint, OperatorNormRegularizer, constrain
+from tfconvnorm.callbacks import OperatorNormClipper, SpectrumLogger
+from tfconvnorm import checkpoints
+from tfconvnorm import plotting
+from tfconvnorm.checkpoints import CheckpointError, LayerSpectrum, detect_format, layer_spectra
 
 __version__ = "0.1.0"

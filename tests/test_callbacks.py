@@ -1,0 +1,222 @@
+"""Tests for tfconvnorm.callbacks: OperatorNormClipper and SpectrumLogger.
+
+Oracle: the spectral core (`clip_conv_singular_values`, `conv_singular_values`)
+applied to kernels recorded by independent callbacks around the one tested.
+"""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+import tfconvnorm
+from tfconvnorm import geometry
+from tfconvnorm.callbacks import (OperatorNormClipper, SpectrumLogger, SPECTRA_SUBDIR,
+                                  make_projection_fn)
+
+RNG = np.random.default_rng(1)
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="strided")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", name="depthwise")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(2, name="fc")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.Adam(0.05), "mse")
+    return model
+
+
+def _data(n):
+    return (RNG.standard_normal((n, 8, 8, 2)).astype(np.float32),
+            RNG.standard_normal((n, 2)).astype(np.float32))
+
+
+class _KernelRecorder(keras.callbacks.Callback):
+    """Records every kernel's value at each batch end, keyed by optimizer step."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels = {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        self.kernels[step] = {op.name: op.variable.numpy()
+                              for op in geometry.model_geometry(self.model)}
+
+
+def _clip(op, kernel, max_norm, method):
+    conv = op.to_spectral(tf.constant(kernel))
+    clipped = tfconvnorm.clip_conv_singular_values(conv, max_norm=max_norm, method=method,
+                                                   **op.geometry.spectral_kwargs())
+    return op.from_spectral(clipped).numpy()
+
+
+def _norm(op, kernel):
+    return float(tfconvnorm.conv_operator_norm(op.to_spectral(tf.constant(kernel)),
+                                               **op.geometry.spectral_kwargs()))
+
+
+@pytest.mark.parametrize("method", ["alternating", "paper"])
+def test_clipper_projects_at_steps_3_6_9_and_not_between(method):
+    model = _model()
+    before, after = _KernelRecorder(), _KernelRecorder()
+    clipper = OperatorNormClipper(0.4, every_n_steps=3, method=method)
+    model.fit(*_data(40), batch_size=4, epochs=1, verbose=0,
+              callbacks=[before, clipper, after])
+    operators = geometry.model_geometry(model)
+    assert sorted(after.kernels) == list(range(1, 11))
+    for step in range(1, 11):
+        for op in operators:
+            pre, post = before.kernels[step][op.name], after.kernels[step][op.name]
+            if step % 3:
+                np.testing.assert_array_equal(post, pre, err_msg=f"{op.name} step {step}")
+            else:
+                np.testing.assert_allclose(post, _clip(op, pre, 0.4, method), rtol=1e-5,
+                                           atol=1e-6, err_msg=f"{op.name} step {step}")
+                if method == "alternating":
+                    assert _norm(op, post) <= 0.4 * (1 + 1e-4)
+    # Training moved the norms above the bound between projections, so the
+    # test above had something to see.
+    drift = max(_norm(op, before.kernels[step][op.name])
+                for op in operators for step in (4, 5, 7, 8))
+    assert drift > 0.4 * 1.01
+    last = clipper.last_projection
+    assert last["step"] == 9 and last["names"] == [op.name for op in operators]
+    np.testing.assert_allclose(
+        last["before"], [_norm(op, before.kernels[9][op.name]) for op in operators], rtol=1e-5)
+    np.testing.assert_allclose(
+        last["after"], [_norm(op, after.kernels[9][op.name]) for op in operators], rtol=1e-5)
+
+
+def test_clipper_is_one_compiled_call_traced_once_per_model():
+    model = _model()
+    clipper = OperatorNormClipper(0.5, every_n_steps=2, layers=["conv", "depthwise"],
+                                  method="alternating")
+    model.fit(*_data(16), batch_size=4, epochs=2, verbose=0, callbacks=[clipper])
+    model.fit(*_data(8), batch_size=4, epochs=1, verbose=0, callbacks=[clipper])
+    _, operators, fn = clipper._cache  # pylint: disable=protected-access
+    assert [op.layer.name for op in operators] == ["conv", "depthwise"]
+    assert isinstance(fn, tf.types.experimental.PolymorphicFunction)
+    assert fn.experimental_get_tracing_count() == 1
+    norms = clipper.project_now()
+    assert set(norms) == {op.name for op in operators}
+    assert all(after <= 0.5 * (1 + 1e-4) for _, after in norms.values())
+
+
+def test_clipper_logs_norms_before_and_after(caplog):
+    from absl import logging  # pylint: disable=import-outside-toplevel
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.INFO)
+    model = _model()
+    try:
+        with caplog.at_level("INFO"):
+            model.fit(*_data(8), batch_size=4, verbose=0,
+                      callbacks=[OperatorNormClipper(0.5, every_n_steps=2, method="alternating")])
+    finally:
+        logging.set_verbosity(verbosity)
+    messages = [r.getMessage() for r in caplog.records if "OperatorNormClipper" in r.getMessage()]
+    assert len(messages) == 1
+    assert "step 2" in messages[0] and "before" in messages[0] and "after" in messages[0]
+
+
+def test_projection_fn_is_all_or_nothing_on_non_finite_kernels():
+    model = _model()
+    operators = geometry.model_geometry(model)
+    fn = make_projection_fn(operators, 0.1, method="alternating")
+    bad = operators[-1].variable
+    bad.assign(np.full(bad.shape, np.nan, np.float32))
+    originals = [op.variable.numpy() for op in operators[:-1]]
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        fn()
+    for op, original in zip(operators, originals):
+        np.testing.assert_array_equal(op.variable.numpy(), original)
+    assert np.all(np.isnan(bad.numpy()))
+
+
+def test_clipper_bad_arguments():
+    with pytest.raises(ValueError, match=r"max_norm=-1"):
+        OperatorNormClipper(-1)
+    with pytest.raises(ValueError, match=r"every_n_steps=0"):
+        OperatorNormClipper(1.0, every_n_steps=0)
+    with pytest.raises(ValueError, match=r"method='svd'"):
+        OperatorNormClipper(1.0, method="svd")
+    with pytest.raises(ValueError, match=r"\['nope'\]"):
+        _model().fit(*_data(4), verbose=0, callbacks=[OperatorNormClipper(1.0, layers=["nope"])])
+    with pytest.raises(ValueError, match="empty"):
+        make_projection_fn([], 1.0)
+
+
+def _read_events(directory):
+    accumulator = event_accumulator.EventAccumulator(
+        directory, size_guidance={event_accumulator.TENSORS: 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_spectrum_logger_writes_exact_spectra_at_each_epoch(tmp_path):
+    model = _model()
+    recorder = _KernelRecorder()
+    log_dir = tmp_path / "logs"
+    model.fit(*_data(12), batch_size=4, epochs=2, verbose=0,
+              callbacks=[keras.callbacks.TensorBoard(str(log_dir)), recorder,
+                         SpectrumLogger(str(log_dir))])
+    assert sorted(os.listdir(log_dir)) == [SPECTRA_SUBDIR, "train"]
+    events = _read_events(str(log_dir / SPECTRA_SUBDIR))
+    operators = geometry.model_geometry(model)
+    tags = set(events.Tags()["tensors"])
+    for op in operators:
+        for prefix in ("spectrum", "sigma_max", "sigma_min", "condition_number"):
+            assert f"{prefix}/{op.name}" in tags
+    for op in operators:
+        histograms = events.Tensors(f"spectrum/{op.name}")
+        assert [e.step for e in histograms] == [3, 6]
+        for event in histograms:
+            kernel = recorder.kernels[event.step][op.name]
+            expected = tfconvnorm.conv_singular_values(op.to_spectral(tf.constant(kernel)),
+                                                       **op.geometry.spectral_kwargs()).numpy()
+            buckets = tf.make_ndarray(event.tensor_proto)  # (bucket, [left, right, count])
+            assert buckets[:, 2].sum() == expected.size
+            assert buckets[0, 0] == pytest.approx(expected[-1], rel=1e-5)
+            assert buckets[-1, 1] == pytest.approx(expected[0], rel=1e-5)
+            scalars = {prefix: float(tf.make_ndarray(
+                events.Tensors(f"{prefix}/{op.name}")[[3, 6].index(event.step)].tensor_proto))
+                for prefix in ("sigma_max", "sigma_min", "condition_number")}
+            assert scalars["sigma_max"] == pytest.approx(expected[0], rel=1e-5)
+            assert scalars["sigma_min"] == pytest.approx(expected[-1], rel=1e-5)
+            assert scalars["condition_number"] == pytest.approx(expected[0] / expected[-1],
+                                                                rel=1e-4)
+    pytest.importorskip("matplotlib")
+    images = events.Tensors("spectra")
+    assert [e.step for e in images] == [3, 6]
+    width, height, png = tf.make_ndarray(images[0].tensor_proto)
+    assert int(width) > 100 and int(height) > 100 and png.startswith(b"\x89PNG")
+
+
+def test_spectrum_logger_every_n_steps_and_layer_selection(tmp_path):
+    model = _model()
+    logger = SpectrumLogger(str(tmp_path), every_n_epochs=None, every_n_steps=2,
+                            layers=["strided"], log_image=False)
+    model.fit(*_data(20), batch_size=4, epochs=1, verbose=0, callbacks=[logger])
+    events = _read_events(str(tmp_path / SPECTRA_SUBDIR))
+    (name,) = [op.name for op in geometry.model_geometry(model, layers=["strided"])]
+    assert set(events.Tags()["tensors"]) == {f"{p}/{name}" for p in (
+        "spectrum", "sigma_max", "sigma_min", "condition_number")}
+    assert [e.step for e in events.Tensors(f"sigma_max/{name}")] == [2, 4]
+    spectra = logger.log_now()
+    assert list(spectra) == [name]
+
+
+def test_spectrum_logger_bad_arguments():
+    with pytest.raises(ValueError, match="every_n_epochs=0"):
+        SpectrumLogger("logs", every_n_epochs=0)
+    with pytest.raises(ValueError, match="every_n_steps=-2"):
+        SpectrumLogger("logs", every_n_steps=-2)
+    with pytest.raises(ValueError, match="log_dir=None"):
+        SpectrumLogger(None)

@@ -1,0 +1,358 @@
+"""Keras callbacks: periodic operator-norm projection and TensorBoard spectra.
+
+Both find the model's operator layers and their input sizes themselves
+(`tfconvnorm.model_geometry`) and do all layers in one compiled
+`tf.function` call, not one eager call per layer. The math is
+`tfconvnorm.spectral`'s.
+"""
+
+import io
+import os
+
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfconvnorm import constraints as constraints_lib
+from tfconvnorm import geometry as geometry_lib
+from tfconvnorm import spectral
+
+#: The published experiments projected every 100 steps with the single clip.
+DEFAULT_EVERY_N_STEPS = 100
+DEFAULT_CLIPPER_METHOD = "paper"
+#: Subdirectory of `log_dir` for the spectra, beside keras.callbacks.TensorBoard's
+#: "train" and "validation".
+SPECTRA_SUBDIR = "spectra"
+#: Figure size (inches) and resolution of the spectra image.
+_FIGURE_SIZE = (6.4, 4.8)
+_FIGURE_DPI = 80
+#: Layers named in the figure legend at most (beyond that it hides the plot).
+_MAX_LEGEND_ENTRIES = 12
+
+
+def _check_every(value, argument, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{argument}` must be a positive int{' or None' if allow_none else ''}; "
+                         f"received {argument}={value!r}.")
+    return value
+
+
+def make_projection_fn(operators, max_norm, method=DEFAULT_CLIPPER_METHOD, iterations=None,
+                       compute_norms=True):
+    """One compiled call that projects every kernel in `operators` in place.
+
+    The clipped kernels are all computed before any is assigned, so a
+    failure (a NaN or Inf kernel raises `InvalidArgumentError`) leaves every
+    variable untouched. Not XLA-compiled: batched complex `eigh` is far
+    slower under XLA.
+
+    Args:
+      operators: `LayerOperator`s, e.g. from `tfconvnorm.model_geometry`.
+      max_norm: the bound, a finite number > 0.
+      method, iterations: see `tfconvnorm.clip_conv_singular_values`.
+      compute_norms: also return each kernel's operator norm before and after
+        the projection (two more decompositions per kernel).
+
+    Returns:
+      A callable taking no arguments and returning `(before, after)`: float32
+      tensors of shape `(len(operators),)` (empty when `compute_norms` is
+      False), a `tf.function` that traces once (on its first call, or on
+      `get_concrete_function()`).
+    """
+    constraints_lib._check_positive(max_norm, "max_norm")  # pylint: disable=protected-access
+    if method not in spectral.METHODS:
+        raise ValueError(f"`method` must be one of {spectral.METHODS}; received method={method!r}.")
+    operators = list(operators)
+    if not operators:
+        raise ValueError("`operators` is empty: there is nothing to project.")
+
+    def norm_of(conv, op):
+        return tf.cast(spectral.conv_operator_norm(conv, **op.geometry.spectral_kwargs()),
+                       tf.float32)
+
+    @tf.function(autograph=False, jit_compile=False)
+    def project():
+        before, after, new_values = [], [], []
+        for op in operators:
+            value = tf.convert_to_tensor(op.variable.value)
+            dtype = value.dtype
+            if dtype not in (tf.float32, tf.float64):
+                value = tf.cast(value, tf.float32)
+            conv = op.to_spectral(value)
+            clipped = spectral.clip_conv_singular_values(
+                conv, max_norm=max_norm, method=method, iterations=iterations,
+                **op.geometry.spectral_kwargs())
+            if compute_norms:
+                before.append(norm_of(conv, op))
+                after.append(norm_of(clipped, op))
+            new_values.append(tf.cast(op.from_spectral(clipped), dtype))
+        # All or nothing: no assignment before every projection succeeded.
+        with tf.control_dependencies(new_values + before + after):
+            for op, value in zip(operators, new_values):
+                op.variable.assign(value)
+        empty = tf.zeros([0], tf.float32)
+        return (tf.stack(before) if before else empty, tf.stack(after) if after else empty)
+
+    return project
+
+
+def _optimizer_step(model):
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        return 0
+    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
+class OperatorNormClipper(keras.callbacks.Callback):
+    """Projects kernels onto an operator-norm ball every N training steps.
+
+    This is how the published experiments (Sedghi et al., ICLR 2019) kept the
+    norms bounded: train freely, and every `every_n_steps` steps replace each
+    convolution kernel by its clipped version. The geometry of every layer
+    is read from the model; all kernels are projected in one compiled call
+    (`make_projection_fn`). Each projection logs (absl, INFO) the largest
+    operator norm before and after.
+
+    Steps are the optimizer's iterations: a projection runs after steps N,
+    2N, ...; with `steps_per_execution > 1`, at the first callback after each
+    multiple of N.
+
+    Args:
+      max_norm: the bound, a finite number > 0.
+      every_n_steps: steps between projections.
+      method: "paper" (default here: the published single clip, which may
+        leave norms slightly above the bound), "alternating" (guarantees it)
+        or "exact"; see `tfconvnorm.clip_conv_singular_values`.
+      layers: layer names (or kernel variable paths) to project; default all
+        operator layers.
+      kinds: operator kinds to project (e.g. `tfconvnorm.CONV_KINDS` to leave
+        Dense layers alone); default all.
+      iterations: see `tfconvnorm.clip_conv_singular_values`.
+      log_norms: compute and log the norms before/after (costs two extra
+        decompositions per kernel and projection).
+      **geometry_kwargs: `input_shape`, `layer_input_shapes`, `round_up`, as
+        for `tfconvnorm.model_geometry`.
+
+    Usage:
+
+    >>> clipper = OperatorNormClipper(1.0, every_n_steps=100)
+    >>> model.fit(x, y, callbacks=[clipper])
+    """
+
+    def __init__(self, max_norm, every_n_steps=DEFAULT_EVERY_N_STEPS,
+                 method=DEFAULT_CLIPPER_METHOD, layers=None, kinds=None, iterations=None,
+                 log_norms=True, **geometry_kwargs):
+        super().__init__()
+        self.max_norm = constraints_lib._check_positive(  # pylint: disable=protected-access
+            max_norm, "max_norm")
+        self.every_n_steps = _check_every(every_n_steps, "every_n_steps")
+        if method not in spectral.METHODS:
+            raise ValueError(f"`method` must be one of {spectral.METHODS}; received "
+                             f"method={method!r}.")
+        self.method = method
+        self.layers = layers
+        self.kinds = kinds
+        self.iterations = iterations
+        self.log_norms = log_norms
+        self.geometry_kwargs = geometry_kwargs
+        self._cache = None  # (model, operators, projection fn): traced once per model
+        self._last_step = 0
+        #: The latest projection: {"step", "names", "before", "after"}.
+        self.last_projection = None
+
+    def _projection(self):
+        if self._cache is None or self._cache[0] is not self.model:
+            operators = geometry_lib.model_geometry(
+                self.model, layers=self.layers, kinds=self.kinds, **self.geometry_kwargs)
+            fn = make_projection_fn(operators, self.max_norm, self.method, self.iterations,
+                                    compute_norms=self.log_norms)
+            # Trace now (seconds for a deep network), not in the middle of training.
+            fn.get_concrete_function()
+            self._cache = (self.model, operators, fn)
+        return self._cache
+
+    @property
+    def operators(self):
+        """The `LayerOperator`s this clipper projects (needs `set_model`)."""
+        return self._projection()[1]
+
+    def on_train_begin(self, logs=None):
+        self._projection()  # fail early on bad geometry, not after N steps
+        self._last_step = _optimizer_step(self.model)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _optimizer_step(self.model)
+        if step // self.every_n_steps > self._last_step // self.every_n_steps:
+            self.project_now(step)
+        self._last_step = step
+
+    def project_now(self, step=None):
+        """Projects every kernel now; returns `{name: (norm_before, norm_after)}`.
+
+        Norms are NaN when `log_norms` is False.
+        """
+        _, operators, fn = self._projection()
+        step = _optimizer_step(self.model) if step is None else step
+        before, after = (t.numpy() for t in fn())
+        if not self.log_norms:
+            before = after = np.full(len(operators), np.nan, np.float32)
+        names = [op.name for op in operators]
+        self.last_projection = dict(step=step, names=names, before=before, after=after)
+        if self.log_norms:
+            worst = int(np.argmax(before))
+            logging.info("OperatorNormClipper step %d: largest operator norm %.5g (%s) before "
+                         "projection, %.5g after (bound %g, %d kernels).", step,
+                         before[worst], names[worst], float(np.max(after)), self.max_norm,
+                         len(names))
+        return {name: (float(b), float(a)) for name, b, a in zip(names, before, after)}
+
+
+def _spectra_figure_png(names, spectra):
+    """PNG bytes of all sorted spectra on log-log axes; None without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+        from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return None
+    # Figure + Agg canvas directly: no pyplot, so the user's backend is untouched.
+    figure = Figure(figsize=_FIGURE_SIZE, dpi=_FIGURE_DPI)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    for name, values in zip(names, spectra):
+        values = values[values > 0]  # zeros have no place on a log axis
+        if values.size:
+            axes.loglog(np.arange(1, values.size + 1), values, label=name, linewidth=1)
+    axes.set_xlabel("rank of singular value")
+    axes.set_ylabel("singular value")
+    axes.set_title("Singular values of each layer (circular convolution)")
+    if len(names) <= _MAX_LEGEND_ENTRIES:
+        axes.legend(fontsize="x-small")
+    axes.grid(True, which="major", alpha=0.3)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def make_spectra_fn(operators):
+    """One compiled call returning the full spectrum of every operator (descending)."""
+    operators = list(operators)
+
+    @tf.function(autograph=False, jit_compile=False)
+    def spectra():
+        result = []
+        for op in operators:
+            value = tf.convert_to_tensor(op.variable.value)
+            if value.dtype not in (tf.float32, tf.float64):
+                value = tf.cast(value, tf.float32)
+            result.append(spectral.conv_singular_values(op.to_spectral(value),
+                                                        **op.geometry.spectral_kwargs()))
+        return result
+
+    return spectra
+
+
+class SpectrumLogger(keras.callbacks.Callback):
+    """Writes every layer's singular values to TensorBoard.
+
+    Per kernel (tag suffix: the variable path, e.g. "conv2d/kernel"):
+    a histogram `spectrum/<path>` of all singular values, and scalars
+    `sigma_max/<path>`, `sigma_min/<path>`, `condition_number/<path>`
+    (inf when sigma_min is 0). Plus, when matplotlib is installed, one image
+    `spectra` with the sorted spectra of all layers on log-log axes. Written
+    with `tf.summary` to `log_dir/spectra`, beside `keras.callbacks.TensorBoard`
+    logs, at the optimizer's step. The spectra are the exact ones of the
+    circular convolutions (upper bounds for zero-padded layers), all computed
+    in one compiled call.
+
+    Args:
+      log_dir: TensorBoard log directory.
+      every_n_epochs: log after every N-th epoch (None: never at epoch ends).
+      every_n_steps: also log every N optimizer steps (None: never).
+      layers, kinds: which operators, as for `tfconvnorm.model_geometry`.
+      log_image: write the spectra image (needs matplotlib).
+      **geometry_kwargs: `input_shape`, `layer_input_shapes`, `round_up`, as
+        for `tfconvnorm.model_geometry`.
+
+    Usage:
+
+    >>> model.fit(x, y, callbacks=[keras.callbacks.TensorBoard("logs"),
+    ...                            SpectrumLogger("logs")])
+    """
+
+    def __init__(self, log_dir, every_n_epochs=1, every_n_steps=None, layers=None, kinds=None,
+                 log_image=True, **geometry_kwargs):
+        super().__init__()
+        if not isinstance(log_dir, (str, os.PathLike)) or not str(log_dir):
+            raise ValueError(f"`log_dir` must be a path; received log_dir={log_dir!r}.")
+        self.log_dir = os.fspath(log_dir)
+        self.every_n_epochs = _check_every(every_n_epochs, "every_n_epochs", allow_none=True)
+        self.every_n_steps = _check_every(every_n_steps, "every_n_steps", allow_none=True)
+        self.layers = layers
+        self.kinds = kinds
+        self.log_image = log_image
+        self.geometry_kwargs = geometry_kwargs
+        self._cache = None  # (model, operators, spectra fn)
+        self._writer = None
+        self._last_step = 0
+
+    def _spectra(self):
+        if self._cache is None or self._cache[0] is not self.model:
+            operators = geometry_lib.model_geometry(
+                self.model, layers=self.layers, kinds=self.kinds, **self.geometry_kwargs)
+            if not operators:
+                raise ValueError(f"Model '{self.model.name}' has no operator layers to log.")
+            fn = make_spectra_fn(operators)
+            fn.get_concrete_function()
+            self._cache = (self.model, operators, fn)
+        return self._cache
+
+    def _get_writer(self):
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(
+                os.path.join(self.log_dir, SPECTRA_SUBDIR))
+        return self._writer
+
+    def on_train_begin(self, logs=None):
+        self._spectra()
+        self._last_step = _optimizer_step(self.model)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _optimizer_step(self.model)
+        if (self.every_n_steps is not None
+                and step // self.every_n_steps > self._last_step // self.every_n_steps):
+            self.log_now(step)
+        self._last_step = step
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0:
+            self.log_now()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def log_now(self, step=None):
+        """Computes and writes the spectra now; returns `{name: spectrum}` (NumPy)."""
+        _, operators, fn = self._spectra()
+        step = _optimizer_step(self.model) if step is None else int(step)
+        spectra = [values.numpy() for values in fn()]
+        writer = self._get_writer()
+        with writer.as_default(step=step):
+            for op, values in zip(operators, spectra):
+                sigma_max = float(values[0])
+                sigma_min = float(values[-1])
+                condition = sigma_max / sigma_min if sigma_min > 0 else float("inf")
+                tf.summary.histogram(f"spectrum/{op.name}", values)
+                tf.summary.scalar(f"sigma_max/{op.name}", sigma_max)
+                tf.summary.scalar(f"sigma_min/{op.name}", sigma_min)
+                tf.summary.scalar(f"condition_number/{op.name}", condition)
+            if self.log_image:
+                png = _spectra_figure_png([op.name for op in operators], spectra)
+                if png is not None:
+                    tf.summary.image("spectra", tf.image.decode_png(png, channels=4)[None])
+        writer.flush()
+        return {op.name: values for op, values in zip(operators, spectra)}

@@ -1,0 +1,351 @@
+"""Keras glue: an operator-norm constraint, a regularizer, and `constrain(model)`.
+
+The math lives in `tfconvnorm.spectral`; these classes only carry the layer
+geometry (which Keras does not pass to a constraint), reshape depthwise
+kernels, and handle dtypes. They need the TensorFlow backend.
+
+The norm is the one of the *circular* convolution: for zero-padded layers
+('same' / 'valid' / 'causal') it bounds the layer's operator norm from above,
+so constraining it constrains the layer.
+
+XLA: Keras compiles the train step with XLA only when `compile(jit_compile=True)`
+is given, or with `jit_compile="auto"` (the default) on a machine with a GPU.
+The constraint then runs inside XLA, where batched complex `eigh` is far
+slower than in TensorFlow's own kernels (27x on a CPU). Compile models that
+use it with `jit_compile=False`; `constrain()` does so for compiled models.
+"""
+
+import math
+import warnings
+
+import keras
+import tensorflow as tf
+
+from tfconvnorm import geometry as geometry_lib
+from tfconvnorm import spectral
+
+#: Kernel layouts a constraint/regularizer accepts (see OperatorNormConstraint).
+LAYOUT_CONV = "conv"
+LAYOUT_DEPTHWISE = "depthwise"
+LAYOUT_CONV_TRANSPOSE = "conv_transpose"
+LAYOUTS = (LAYOUT_CONV, LAYOUT_DEPTHWISE, LAYOUT_CONV_TRANSPOSE)
+
+_LAYOUT_OF_KIND = {
+    geometry_lib.KIND_CONV: LAYOUT_CONV,
+    geometry_lib.KIND_DENSE: LAYOUT_CONV,
+    geometry_lib.KIND_SEPARABLE_POINTWISE: LAYOUT_CONV,
+    geometry_lib.KIND_DEPTHWISE: LAYOUT_DEPTHWISE,
+    geometry_lib.KIND_SEPARABLE_DEPTHWISE: LAYOUT_DEPTHWISE,
+    geometry_lib.KIND_CONV_TRANSPOSE: LAYOUT_CONV_TRANSPOSE,
+}
+# Dtypes the spectral core computes in; others (float16, bfloat16) go via float32.
+_CORE_DTYPES = (tf.float32, tf.float64)
+
+
+def _check_positive(value, argument, allow_zero=False):
+    """A finite number > 0 (>= 0 with allow_zero), as a Python float."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        value = float(value)
+        ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"`{argument}` must be a finite number {bound}; received "
+                         f"{argument}={value!r}.")
+    return value
+
+
+def _normalize_shape_arg(value, argument):
+    """int or tuple of ints (lists from JSON configs become tuples)."""
+    if isinstance(value, (list, tuple)):
+        value = tuple(value)
+        if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            return value
+    elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise ValueError(f"`{argument}` must be a positive int or a tuple of positive ints; "
+                     f"received {argument}={value!r}.")
+
+
+class _OperatorGeometry:
+    """Geometry arguments shared by the constraint and the regularizer."""
+
+    def __init__(self, input_shape, strides, dilation_rate, groups, layout):
+        if layout not in LAYOUTS:
+            raise ValueError(f"`layout` must be one of {LAYOUTS}; received layout={layout!r}.")
+        if input_shape == [] or input_shape == ():
+            self.input_shape = ()
+        else:
+            self.input_shape = _normalize_shape_arg(input_shape, "input_shape")
+        self.strides = _normalize_shape_arg(strides, "strides")
+        self.dilation_rate = _normalize_shape_arg(dilation_rate, "dilation_rate")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"`groups` must be a positive int; received groups={groups!r}.")
+        if layout == LAYOUT_DEPTHWISE and groups != 1:
+            raise ValueError("With layout='depthwise' the groups are the input channels, "
+                             f"read from the kernel; leave groups=1. Received groups={groups}.")
+        self.groups = groups
+        self.layout = layout
+
+    def spectral_args(self, kernel_shape):
+        """(kernel in conv layout fn, spectral kwargs) for a kernel of this shape."""
+        rank = len(kernel_shape) - 2
+        strides = self.strides
+        input_shape = self.input_shape
+        groups = self.groups
+        if self.layout == LAYOUT_CONV_TRANSPOSE:
+            # Adjoint of the strided conv on an input `strides` times larger.
+            size = (input_shape,) * rank if isinstance(input_shape, int) else input_shape
+            step = (strides,) * rank if isinstance(strides, int) else strides
+            input_shape = tuple(n * s for n, s in zip(size, step))
+        elif self.layout == LAYOUT_DEPTHWISE:
+            groups = kernel_shape[-2]
+        return dict(input_shape=input_shape, strides=strides,
+                    dilation_rate=self.dilation_rate, groups=groups)
+
+    def kind(self):
+        return {LAYOUT_CONV: geometry_lib.KIND_CONV,
+                LAYOUT_DEPTHWISE: geometry_lib.KIND_DEPTHWISE,
+                LAYOUT_CONV_TRANSPOSE: geometry_lib.KIND_CONV_TRANSPOSE}[self.layout]
+
+    def config(self):
+        return dict(input_shape=self.input_shape, strides=self.strides,
+                    dilation_rate=self.dilation_rate, groups=self.groups, layout=self.layout)
+
+
+def _to_core(w):
+    """The kernel as a tensor in a dtype the core handles, and its own dtype."""
+    w = tf.convert_to_tensor(w.value if isinstance(w, keras.Variable) else w)
+    dtype = w.dtype
+    if dtype not in _CORE_DTYPES:
+        w = tf.cast(w, tf.float32)
+    return w, dtype
+
+
+@keras.saving.register_keras_serializable(package="tfconvnorm")
+class OperatorNormConstraint(keras.constraints.Constraint):
+    """Constrains a convolution's exact operator norm (largest singular value).
+
+    After each optimizer step Keras replaces the kernel by its projection onto
+    {kernels of this shape whose circular convolution operator has norm <=
+    `max_norm`}, computed from the exact spectrum (Sedghi et al., ICLR 2019).
+    For zero-padded layers the circular norm bounds the layer's own norm
+    from above. Stateless; serializable.
+
+    Kernel layouts (`layout`):
+      * "conv": `(*kernel_size, in_channels // groups, filters)`, as Conv1D/2D/3D,
+        the pointwise kernel of SeparableConv and Dense (`(in, out)` with
+        `input_shape=()`).
+      * "depthwise": `(*kernel_size, in_channels, depth_multiplier)`, the
+        kernel of DepthwiseConv and the depthwise kernel of SeparableConv
+        (groups are the input channels).
+      * "conv_transpose": `(*kernel_size, filters, in_channels)` of
+        Conv{1,2,3}DTranspose, whose operator is the adjoint of a strided
+        convolution and has the same singular values.
+
+    Args:
+      max_norm: the bound, a finite number > 0.
+      input_shape: spatial size of the layer's input (an int: every axis);
+        `()` for Dense. For "conv_transpose" too it is the layer's input size.
+      strides, dilation_rate: the layer's, int or per-axis tuple. Each stride
+        must divide the input size (transposed layers excepted).
+      groups: the layer's `groups` (layout "conv" only).
+      method: "alternating" (default, guarantees the bound), "paper" (the
+        published single clip) or "exact" (Euclidean projection); see
+        `tfconvnorm.clip_conv_singular_values`.
+      iterations: rounds for "alternating" / cap for "exact" (None: default).
+      layout: "conv", "depthwise" or "conv_transpose", as above.
+
+    Usage:
+
+    >>> layer = keras.layers.Conv2D(
+    ...     16, 3, strides=2, padding="same",
+    ...     kernel_constraint=OperatorNormConstraint(1.0, input_shape=(32, 32), strides=2))
+
+    `tfconvnorm.constrain(model, 1.0)` attaches these with the right geometry
+    to every layer of a built model. Compile such models with
+    `jit_compile=False` (see the module docstring).
+    """
+
+    def __init__(self, max_norm, input_shape, strides=1, dilation_rate=1, groups=1,
+                 method=spectral.DEFAULT_METHOD, iterations=None, layout=LAYOUT_CONV):
+        self.max_norm = _check_positive(max_norm, "max_norm")
+        if method not in spectral.METHODS:
+            raise ValueError(f"`method` must be one of {spectral.METHODS}; received "
+                             f"method={method!r}.")
+        if iterations is not None and (isinstance(iterations, bool)
+                                       or not isinstance(iterations, int) or iterations < 1):
+            raise ValueError(f"`iterations` must be None or a positive int; received "
+                             f"iterations={iterations!r}.")
+        self.method = method
+        self.iterations = iterations
+        self._geometry = _OperatorGeometry(input_shape, strides, dilation_rate, groups, layout)
+
+    @property
+    def input_shape(self):
+        return self._geometry.input_shape
+
+    @property
+    def layout(self):
+        return self._geometry.layout
+
+    def __call__(self, w):
+        kernel, dtype = _to_core(w)
+        kind = self._geometry.kind()
+        conv = geometry_lib.to_conv_layout(kernel, kind)
+        clipped = spectral.clip_conv_singular_values(
+            conv, max_norm=self.max_norm, method=self.method, iterations=self.iterations,
+            **self._geometry.spectral_args(kernel.shape))
+        clipped = geometry_lib.from_conv_layout(clipped, kind, kernel.shape)
+        return tf.cast(clipped, dtype)
+
+    def operator_norm(self, w):
+        """The norm this constraint bounds, for the kernel `w` (same layout)."""
+        kernel, dtype = _to_core(w)
+        conv = geometry_lib.to_conv_layout(kernel, self._geometry.kind())
+        return tf.cast(spectral.conv_operator_norm(
+            conv, **self._geometry.spectral_args(kernel.shape)), dtype)
+
+    def get_config(self):
+        config = dict(max_norm=self.max_norm, method=self.method, iterations=self.iterations)
+        config.update(self._geometry.config())
+        return config
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+@keras.saving.register_keras_serializable(package="tfconvnorm")
+class OperatorNormRegularizer(keras.regularizers.Regularizer):
+    """Penalises a convolution's exact operator norm above a threshold.
+
+    Adds `weight * max(0, sigma_max - threshold)` to the loss, where
+    `sigma_max` is the largest singular value of the layer's circular
+    convolution operator (an upper bound on the zero-padded layer's norm).
+    Differentiable; stateless; serializable. Arguments `input_shape`,
+    `strides`, `dilation_rate`, `groups` and `layout` are those of
+    `OperatorNormConstraint`.
+
+    Args:
+      weight: penalty factor, a finite number >= 0.
+      threshold: norm below which there is no penalty, >= 0.
+
+    Usage:
+
+    >>> layer = keras.layers.Conv2D(
+    ...     16, 3, padding="same",
+    ...     kernel_regularizer=OperatorNormRegularizer(1e-3, input_shape=(32, 32),
+    ...                                                threshold=1.0))
+    """
+
+    def __init__(self, weight, input_shape, strides=1, dilation_rate=1, groups=1,
+                 threshold=0.0, layout=LAYOUT_CONV):
+        self.weight = _check_positive(weight, "weight", allow_zero=True)
+        self.threshold = _check_positive(threshold, "threshold", allow_zero=True)
+        self._geometry = _OperatorGeometry(input_shape, strides, dilation_rate, groups, layout)
+
+    @property
+    def input_shape(self):
+        return self._geometry.input_shape
+
+    @property
+    def layout(self):
+        return self._geometry.layout
+
+    def __call__(self, x):
+        kernel, dtype = _to_core(x)
+        conv = geometry_lib.to_conv_layout(kernel, self._geometry.kind())
+        norm = spectral.conv_operator_norm(conv, **self._geometry.spectral_args(kernel.shape))
+        penalty = self.weight * tf.nn.relu(norm - tf.cast(self.threshold, norm.dtype))
+        return tf.cast(penalty, dtype)
+
+    def get_config(self):
+        config = dict(weight=self.weight, threshold=self.threshold)
+        config.update(self._geometry.config())
+        return config
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _geometry_args(geometry):
+    """Constraint arguments reproducing a `ConvGeometry`."""
+    layout = _LAYOUT_OF_KIND[geometry.kind]
+    return dict(input_shape=geometry.layer_input_shape, strides=geometry.strides or 1,
+                dilation_rate=geometry.dilation_rate or 1,
+                groups=geometry.groups if layout == LAYOUT_CONV else 1, layout=layout)
+
+
+def constraint_for(operator, max_norm, method=spectral.DEFAULT_METHOD, iterations=None):
+    """An `OperatorNormConstraint` with the geometry of a `LayerOperator`."""
+    return OperatorNormConstraint(max_norm, method=method, iterations=iterations,
+                                  **_geometry_args(operator.geometry))
+
+
+def regularizer_for(operator, weight, threshold=0.0):
+    """An `OperatorNormRegularizer` with the geometry of a `LayerOperator`."""
+    return OperatorNormRegularizer(weight, threshold=threshold,
+                                   **_geometry_args(operator.geometry))
+
+
+def constrain(model, max_norm, method=spectral.DEFAULT_METHOD, layers=None, kinds=None,
+              iterations=None, apply_now=False, **geometry_kwargs):
+    """Attaches `OperatorNormConstraint`s to the operator layers of a built model.
+
+    Each kernel gets a constraint with its own geometry (input size read from
+    the model, strides, dilation, groups, layout), set both on the variable
+    (used by the optimizer) and on the layer's `*_constraint` attribute (saved
+    with the model). A compiled model's train function is reset so the next
+    `fit` uses them, and XLA is turned off for it (see the module docstring).
+    Like any Keras constraint, they act after each optimizer step; pass
+    `apply_now=True` to also project the current kernels at once.
+
+    Args:
+      model: a built `keras.Model`.
+      max_norm: the bound, a finite number > 0.
+      method, iterations: see `OperatorNormConstraint`.
+      layers: layer names (or kernel variable paths) to constrain; default all
+        operator layers (convolutions of every kind and Dense).
+      kinds: operator kinds to constrain, e.g. `tfconvnorm.CONV_KINDS`.
+      apply_now: project the kernels now too (all computed before any is
+        assigned, so a non-finite kernel leaves every kernel unchanged).
+      **geometry_kwargs: `input_shape`, `layer_input_shapes`, `round_up`, as
+        for `tfconvnorm.model_geometry`.
+
+    Returns:
+      `{kernel variable path: OperatorNormConstraint}`, what was attached.
+
+    Raises:
+      ValueError: bad `max_norm`, model not built, unknown layer name, unknown
+        input size, a stride that does not divide its input size, or a kernel
+        that already has a constraint of another type.
+    """
+    _check_positive(max_norm, "max_norm")
+    operators = geometry_lib.model_geometry(model, layers=layers, kinds=kinds,
+                                            **geometry_kwargs)
+    for op in operators:
+        existing = getattr(op.layer, op.constraint_attribute, None)
+        if existing is not None and not isinstance(existing, OperatorNormConstraint):
+            raise ValueError(
+                f"Layer '{op.layer.name}' already has {op.constraint_attribute}="
+                f"{existing!r}; remove it before attaching an operator-norm constraint.")
+    attached = {op.name: constraint_for(op, max_norm, method, iterations) for op in operators}
+    if apply_now:
+        projected = [attached[op.name](op.variable) for op in operators]
+        for op, value in zip(operators, projected):
+            op.variable.assign(value)
+    for op in operators:
+        op.variable.constraint = attached[op.name]
+        setattr(op.layer, op.constraint_attribute, attached[op.name])
+    if getattr(model, "compiled", False):
+        # The cached train function was traced without the constraints.
+        model.train_function = None
+        if model.jit_compile:
+            warnings.warn(
+                f"constrain(): turning off XLA (jit_compile) for model '{model.name}': "
+                "the projection's batched complex eigh is much slower under XLA.",
+                stacklevel=2)
+            model.jit_compile = False
+    return attached

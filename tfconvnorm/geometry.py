@@ -1,0 +1,556 @@
+"""Which Keras layers are linear operators, and the geometry the spectral core needs.
+
+A layer's singular values depend on more than its kernel: the spatial size of
+its input, strides, dilation and groups. This module reads all of that from a
+built Keras 3 model so that users (and `constraints` / `callbacks`) never work
+out input sizes by hand. It holds no math: the kernels are only reshaped
+between the layer's layout and the convolution layout of `tfconvnorm.spectral`.
+
+The spectrum described here is the one of the *circular* convolution. For
+zero-padded layers ('same', 'valid', 'causal') it bounds the operator norm of
+the layer from above, so a constraint on it is a safe constraint on the layer.
+"""
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+# The kinds of operator a kernel variable can be.
+KIND_CONV = "conv"
+KIND_DEPTHWISE = "depthwise"
+KIND_CONV_TRANSPOSE = "conv_transpose"
+KIND_SEPARABLE_DEPTHWISE = "separable_depthwise"
+KIND_SEPARABLE_POINTWISE = "separable_pointwise"
+KIND_DENSE = "dense"
+ALL_KINDS = (KIND_CONV, KIND_DEPTHWISE, KIND_CONV_TRANSPOSE, KIND_SEPARABLE_DEPTHWISE,
+             KIND_SEPARABLE_POINTWISE, KIND_DENSE)
+# Every kind except Dense: what "all convolutions" means for clipping.
+CONV_KINDS = tuple(kind for kind in ALL_KINDS if kind != KIND_DENSE)
+# Kinds whose variable is a depthwise kernel `(*k, c_in, multiplier)`.
+DEPTHWISE_KINDS = (KIND_DEPTHWISE, KIND_SEPARABLE_DEPTHWISE)
+# Recorded as `padding` for Dense layers, which have none.
+DENSE_PADDING = "dense"
+
+_CONV_CLASSES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+_CONV_TRANSPOSE_CLASSES = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+                           keras.layers.Conv3DTranspose)
+_DEPTHWISE_CLASSES = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+_SEPARABLE_CLASSES = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+_DENSE_CLASSES = (keras.layers.Dense,)
+OPERATOR_LAYER_CLASSES = (_CONV_CLASSES + _CONV_TRANSPOSE_CLASSES + _DEPTHWISE_CLASSES
+                          + _SEPARABLE_CLASSES + _DENSE_CLASSES)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """Everything the spectral core needs about one kernel, plus provenance.
+
+    Attributes:
+      kernel_shape: kernel shape in the convolution layout
+        `(*spatial, c_in // groups, c_out)` given to `tfconvnorm.spectral`
+        (a depthwise kernel `(*k, c_in, m)` appears as `(*k, 1, c_in * m)`).
+      input_shape: spatial input size given to the spectral core. For a
+        transposed convolution this is the layer's input size times the
+        strides: the layer is the adjoint of the strided convolution of that
+        size, and has the same singular values. `()` for Dense.
+      strides, dilation_rate: per spatial axis.
+      groups: channel groups (`c_in` for depthwise kernels).
+      kind: one of `ALL_KINDS`.
+      padding: the layer's padding ('same', 'valid', 'causal'; 'dense' for
+        Dense). The spectrum is the circular one whatever the padding; it
+        bounds the zero-padded layer's operator norm from above.
+      approximate: True when the input size was rounded up so that the
+        stride divides it (the spectrum is then that of a slightly larger
+        circular operator).
+    """
+
+    kernel_shape: tuple
+    input_shape: tuple
+    strides: tuple
+    dilation_rate: tuple
+    groups: int
+    kind: str
+    padding: str = "same"
+    approximate: bool = False
+
+    def spectral_kwargs(self):
+        """Keyword arguments for the `tfconvnorm.spectral` functions."""
+        return dict(input_shape=self.input_shape, strides=self.strides,
+                    dilation_rate=self.dilation_rate, groups=self.groups)
+
+    @property
+    def layer_input_shape(self):
+        """Spatial size of the input of the layer (or layer part) itself."""
+        if self.kind == KIND_CONV_TRANSPOSE:
+            return tuple(n // s for n, s in zip(self.input_shape, self.strides))
+        return self.input_shape
+
+
+def to_conv_layout(kernel, kind):
+    """Reshapes a kernel from its variable layout to the convolution layout.
+
+    Only depthwise kernels `(*k, c_in, m)` change: they become the grouped
+    convolution kernel `(*k, 1, c_in * m)` with `groups = c_in`, whose output
+    channel `c * m + j` is Keras' depthwise output channel order.
+    """
+    if kind not in DEPTHWISE_KINDS:
+        return kernel
+    kernel = tf.convert_to_tensor(kernel)
+    shape = kernel.shape
+    return tf.reshape(kernel, tuple(shape[:-2]) + (1, shape[-2] * shape[-1]))
+
+
+def from_conv_layout(kernel, kind, variable_shape):
+    """Inverse of `to_conv_layout`: back to the variable's own shape."""
+    if kind not in DEPTHWISE_KINDS:
+        return kernel
+    return tf.reshape(kernel, tuple(variable_shape))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerOperator:
+    """A kernel variable of a built Keras model, with its geometry.
+
+    Attributes:
+      name: unique tag, the kernel variable's path (e.g. "conv2d/kernel",
+        "sep/depthwise_kernel").
+      layer: the Keras layer owning the variable.
+      variable: the `keras.Variable` holding the kernel.
+      geometry: its `ConvGeometry`.
+    """
+
+    name: str
+    layer: object
+    variable: object
+    geometry: ConvGeometry
+
+    @property
+    def constraint_attribute(self):
+        """Name of the layer attribute holding this kernel's constraint."""
+        return _CONSTRAINT_ATTRIBUTES[self.geometry.kind]
+
+    def to_spectral(self, value):
+        """Variable layout -> convolution layout for `tfconvnorm.spectral`."""
+        return to_conv_layout(value, self.geometry.kind)
+
+    def from_spectral(self, value):
+        """Convolution layout -> the variable's own layout."""
+        return from_conv_layout(value, self.geometry.kind, self.variable.shape)
+
+
+_CONSTRAINT_ATTRIBUTES = {
+    KIND_CONV: "kernel_constraint",
+    KIND_CONV_TRANSPOSE: "kernel_constraint",
+    KIND_DENSE: "kernel_constraint",
+    KIND_DEPTHWISE: "depthwise_constraint",
+    KIND_SEPARABLE_DEPTHWISE: "depthwise_constraint",
+    KIND_SEPARABLE_POINTWISE: "pointwise_constraint",
+}
+
+
+def is_operator_layer(layer):
+    """True for the layers whose kernels `layer_geometry` describes."""
+    return isinstance(layer, OPERATOR_LAYER_CLASSES)
+
+
+def _as_tuple(value, rank, argument):
+    if isinstance(value, int):
+        return (value,) * rank
+    value = tuple(value)
+    if len(value) != rank or not all(isinstance(v, int) or v is None for v in value):
+        raise ValueError(f"`{argument}` must be an int or {rank} ints; received "
+                         f"{argument}={value!r}.")
+    return value
+
+
+def _spatial_dims(layer, shape):
+    """Spatial part of a full input shape (batch and channel axes dropped)."""
+    shape = tuple(shape)
+    rank = layer.rank
+    if len(shape) < rank + 2:
+        raise ValueError(f"Layer '{layer.name}' expects inputs of rank >= {rank + 2}; "
+                         f"received input shape {shape}.")
+    if getattr(layer, "data_format", "channels_last") == "channels_first":
+        return shape[-rank:]
+    return shape[-rank - 1:-1]
+
+
+def _kernel_variable(layer, attribute):
+    """The layer's kernel variable, refusing layers whose kernel is not one variable."""
+    if getattr(layer, "lora_enabled", False):
+        raise ValueError(
+            f"Layer '{layer.name}' has LoRA enabled: its kernel is the sum of several "
+            "variables, so no single variable can be constrained. Merge or disable LoRA "
+            "first.")
+    # Conv and Dense keep the variable in `_kernel` behind a `kernel` property.
+    variable = getattr(layer, "_" + attribute, None) if attribute == "kernel" else None
+    if variable is None:
+        variable = getattr(layer, attribute, None)
+    if not isinstance(variable, keras.Variable):
+        raise ValueError(f"Layer '{layer.name}' has no kernel variable `{attribute}`; "
+                         f"received {type(variable).__name__}.")
+    if not keras.backend.is_float_dtype(variable.dtype):
+        raise ValueError(f"Layer '{layer.name}' has a {variable.dtype} kernel (a quantized "
+                         "layer?); only floating-point kernels are linear operators here.")
+    return variable
+
+
+def _divisible_size(layer, size, strides, round_up):
+    """Checks that each stride divides the input size, or rounds the size up."""
+    if all(n % s == 0 for n, s in zip(size, strides)):
+        return size, False
+    if not round_up:
+        raise ValueError(
+            f"Layer '{layer.name}': its strides {strides} do not divide its input size "
+            f"{size}, so the circular operator is not defined. Pass round_up=True to use "
+            "the next multiple of the stride (an approximation), or an input size the "
+            "stride divides.")
+    return tuple(-(-n // s) * s for n, s in zip(size, strides)), True
+
+
+def _unique_names(operators):
+    """Variable paths are unique within one model; disambiguate anyway when not."""
+    seen = {}
+    result = []
+    for op in operators:
+        name = op.name
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}_{seen[op.name]}"
+            op = dataclasses.replace(op, name=name)
+        else:
+            seen[name] = 0
+        result.append(op)
+    return result
+
+
+def _operators_for(layer, spatial, round_up=False):
+    """The `LayerOperator`s of one built layer whose spatial input size is known."""
+    if isinstance(layer, _DENSE_CLASSES):
+        variable = _kernel_variable(layer, "kernel")
+        geometry = ConvGeometry(tuple(variable.shape), (), (), (), 1, KIND_DENSE,
+                                DENSE_PADDING)
+        return [LayerOperator(variable.path, layer, variable, geometry)]
+
+    strides = tuple(layer.strides)
+    dilation = tuple(layer.dilation_rate)
+    padding = layer.padding
+    if isinstance(layer, _CONV_TRANSPOSE_CLASSES):
+        variable = _kernel_variable(layer, "kernel")
+        # The adjoint of the convolution with these strides on an input
+        # `strides` times larger: same singular values, always divisible.
+        size = tuple(n * s for n, s in zip(spatial, strides))
+        geometry = ConvGeometry(tuple(variable.shape), size, strides, dilation, 1,
+                                KIND_CONV_TRANSPOSE, padding)
+        return [LayerOperator(variable.path, layer, variable, geometry)]
+
+    size, approximate = _divisible_size(layer, spatial, strides, round_up)
+    if isinstance(layer, _CONV_CLASSES):
+        variable = _kernel_variable(layer, "kernel")
+        geometry = ConvGeometry(tuple(variable.shape), size, strides, dilation,
+                                int(layer.groups), KIND_CONV, padding, approximate)
+        return [LayerOperator(variable.path, layer, variable, geometry)]
+
+    if isinstance(layer, _DEPTHWISE_CLASSES):
+        variable = _kernel_variable(layer, "kernel")
+        kind = KIND_DEPTHWISE
+    else:  # separable
+        variable = _kernel_variable(layer, "depthwise_kernel")
+        kind = KIND_SEPARABLE_DEPTHWISE
+    shape = tuple(variable.shape)
+    conv_shape = shape[:-2] + (1, shape[-2] * shape[-1])
+    depthwise = LayerOperator(variable.path, layer, variable, ConvGeometry(
+        conv_shape, size, strides, dilation, shape[-2], kind, padding, approximate))
+    if kind == KIND_DEPTHWISE:
+        return [depthwise]
+    pointwise_variable = _kernel_variable(layer, "pointwise_kernel")
+    # The pointwise part sees the depthwise part's (circular) output size.
+    pointwise_size = tuple(n // s for n, s in zip(size, strides))
+    rank = len(pointwise_size)
+    pointwise = LayerOperator(pointwise_variable.path, layer, pointwise_variable, ConvGeometry(
+        tuple(pointwise_variable.shape), pointwise_size, (1,) * rank, (1,) * rank, 1,
+        KIND_SEPARABLE_POINTWISE, padding, approximate))
+    return [depthwise, pointwise]
+
+
+def _unknown_size_error(layer, size):
+    return ValueError(
+        f"Layer '{layer.name}': its spatial input size is unknown (received {size}); "
+        "the singular values of a convolution depend on it. Pass it explicitly: "
+        "`input_shape=` (the model's input shape without the batch axis, to "
+        "model_geometry / constrain / the callbacks), `layer_input_shapes="
+        "{layer_name: spatial_size}`, or `input_shape=` (spatial size) to "
+        "layer_geometry.")
+
+
+def _check_built(layer):
+    if not layer.built:
+        raise ValueError(
+            f"'{layer.name}' is not built, so its kernels and input sizes are unknown. "
+            "Build it first: call it on data, call `build(input_shape)`, or start it "
+            "with `keras.Input(shape=...)`.")
+
+
+def _recorded_input_shapes(layer):
+    """Input shapes Keras recorded for a layer outside any model trace."""
+    shapes = []
+    for node in getattr(layer, "_inbound_nodes", []):
+        if node.input_tensors:
+            shapes.append(tuple(node.input_tensors[0].shape))
+    build = getattr(layer, "_build_shapes_dict", None)
+    if not shapes and build:
+        first = tuple(build.values())[0]
+        if first is not None:
+            shapes.append(tuple(first))
+    return shapes
+
+
+def _agreed_spatial(layer, shapes):
+    """The one spatial size in `shapes`; an error if the layer saw several."""
+    sizes = []
+    for shape in shapes:
+        size = tuple(_spatial_dims(layer, shape))
+        if size not in sizes:
+            sizes.append(size)
+    known = [s for s in sizes if all(d is not None for d in s)]
+    if len(known) > 1:
+        raise ValueError(
+            f"Layer '{layer.name}' is called on inputs of different spatial sizes "
+            f"{known}; its singular values differ for each. Give one size with "
+            "`layer_input_shapes={name: size}`.")
+    if known:
+        return known[0]
+    return sizes[0] if sizes else None
+
+
+def layer_geometry(layer, input_shape=None, round_up=False):
+    """Geometry of every linear-operator kernel of one built Keras layer.
+
+    Args:
+      layer: a built Conv{1,2,3}D, Conv{1,2,3}DTranspose, DepthwiseConv{1,2}D,
+        SeparableConv{1,2}D (two kernels: depthwise and pointwise) or Dense.
+      input_shape: spatial size of the layer's input (an int: the same on every
+        axis). By default it is read from the shapes Keras recorded for the
+        layer (its calls in a functional model, or its build shape).
+      round_up: when a stride does not divide the input size, use the next
+        multiple of the stride (marked `approximate`) instead of raising.
+
+    Returns:
+      A list of `LayerOperator`, one per kernel variable.
+
+    Raises:
+      ValueError: the layer is not an operator layer, not built, its input size
+        is unknown or ambiguous, or a stride does not divide it.
+    """
+    if not is_operator_layer(layer):
+        raise ValueError(
+            f"Layer '{getattr(layer, 'name', layer)}' ({type(layer).__name__}) is not a "
+            "linear operator layer; supported: "
+            f"{', '.join(c.__name__ for c in OPERATOR_LAYER_CLASSES)}.")
+    _check_built(layer)
+    if isinstance(layer, _DENSE_CLASSES):
+        return _unique_names(_operators_for(layer, ()))
+    if input_shape is not None:
+        spatial = _as_tuple(input_shape, layer.rank, "input_shape")
+    else:
+        spatial = _agreed_spatial(layer, _recorded_input_shapes(layer))
+    if spatial is None or any(d is None for d in spatial):
+        raise _unknown_size_error(layer, spatial)
+    if not all(d > 0 for d in spatial):
+        raise ValueError(f"Layer '{layer.name}': input sizes must be positive; received "
+                         f"input_shape={spatial}.")
+    return _unique_names(_operators_for(layer, spatial, round_up))
+
+
+# ---------------------------------------------------------------------------
+# Reading input sizes from a model's graph.
+
+
+def _functional_of(model):
+    """The functional graph behind a model, if it has one (None for subclassed)."""
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    if hasattr(model, "_nodes_by_depth") and hasattr(model, "inputs"):
+        return model
+    return None
+
+
+def _walk_graph(functional, inputs, seen_shapes):
+    """Propagates input specs through a functional graph, recording each call's input.
+
+    Like Keras' own `Function._run_through_graph`, but it records the input
+    shape of every operation and steps into nested models, so that layers of
+    an inner model get the sizes the outer model gives them (an inner model
+    may declare `None` sizes). Calls whose inputs have the shapes recorded at
+    graph construction reuse the recorded outputs; only the others are
+    recomputed with `compute_output_spec`.
+    """
+    tensors = {id(x): y for x, y in zip(functional.inputs, keras.tree.flatten(inputs))}
+    by_depth = functional._nodes_by_depth
+    for depth in sorted(by_depth, reverse=True):
+        for node in by_depth[depth]:
+            op = node.operation
+            if op is None or node.is_input:
+                continue
+            if any(id(x) not in tensors for x in node.input_tensors):
+                continue
+            new_inputs = [tensors[id(x)] for x in node.input_tensors]
+            if new_inputs:
+                seen_shapes.setdefault(id(op), []).append(tuple(new_inputs[0].shape))
+            inner = _functional_of(op)
+            if inner is not None:
+                args, _ = node.arguments.fill_in(tensors)
+                outputs = _walk_graph(inner, args[0] if args else new_inputs, seen_shapes)
+            elif all(tuple(a.shape) == tuple(b.shape)
+                     for a, b in zip(new_inputs, node.input_tensors)):
+                outputs = node.outputs
+            else:
+                args, kwargs = node.arguments.fill_in(tensors)
+                try:
+                    outputs = op.compute_output_spec(*args, **kwargs)
+                except Exception:  # pylint: disable=broad-except
+                    # Downstream calls are then skipped and fall back to the
+                    # shapes recorded at build time (or ask for them).
+                    continue
+            for x, y in zip(node.outputs, keras.tree.flatten(outputs)):
+                tensors[id(x)] = y
+    return [tensors.get(id(x)) for x in functional.outputs]
+
+
+def _input_specs(functional, input_shape):
+    """KerasTensors to start the walk: the model's own, or `input_shape` (no batch)."""
+    if input_shape is None:
+        return list(functional.inputs)
+    shapes = input_shape
+    if len(functional.inputs) == 1 and (not shapes or not isinstance(shapes[0], (list, tuple))):
+        shapes = [shapes]
+    if len(shapes) != len(functional.inputs):
+        raise ValueError(f"`input_shape` must give one shape per model input "
+                         f"({len(functional.inputs)}); received input_shape={input_shape!r}.")
+    specs = []
+    for x, shape in zip(functional.inputs, shapes):
+        shape = tuple(shape)
+        if len(shape) != len(x.shape) - 1:
+            raise ValueError(f"`input_shape` is the shape of one sample without the batch "
+                             f"axis, like keras.Input(shape=...): expected {len(x.shape) - 1} "
+                             f"dims for input '{x.name}' of shape {x.shape}; received "
+                             f"input_shape={input_shape!r}.")
+        specs.append(keras.KerasTensor((x.shape[0],) + shape, dtype=x.dtype))
+    return specs
+
+
+def _layer_names(model):
+    return [layer.name for layer in model._flatten_layers(include_self=False, recursive=True)]
+
+
+def model_geometry(model, layers=None, input_shape=None, layer_input_shapes=None,
+                   kinds=None, round_up=False):
+    """Every linear-operator kernel of a built Keras model, with its geometry.
+
+    Input sizes come from the model's own graph: functional and Sequential
+    models (nested ones included, with the sizes the outer model gives them),
+    and layers called more than once (an error if the sizes differ). Layers of
+    subclassed models fall back to the shape they were built with.
+
+    Args:
+      model: a built `keras.Model`.
+      layers: names of layers (or kernel variable paths) to keep; default all.
+      input_shape: the model's input shape without the batch axis (a list of
+        shapes for several inputs). Needed when the model declares `None`
+        spatial sizes.
+      layer_input_shapes: `{layer_name: spatial_size}` overriding sizes read
+        from the model.
+      kinds: operator kinds to keep (see `ALL_KINDS`, `CONV_KINDS`); default all.
+      round_up: see `layer_geometry`.
+
+    Returns:
+      A list of `LayerOperator` in the order of `model._flatten_layers()`.
+
+    Raises:
+      ValueError: the model is not built, a name in `layers` is unknown or not
+        an operator layer, or a needed input size is unknown or inconsistent.
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"`model` must be a keras.Model; received {type(model).__name__}.")
+    _check_built(model)
+    if kinds is not None:
+        unknown = [k for k in kinds if k not in ALL_KINDS]
+        if unknown:
+            raise ValueError(f"Unknown operator kinds {unknown}; expected some of {ALL_KINDS}.")
+    all_layers = model._flatten_layers(include_self=False, recursive=True)
+    layer_input_shapes = dict(layer_input_shapes or {})
+    names = set(_layer_names(model))
+    missing = [n for n in layer_input_shapes if n not in names]
+    if missing:
+        raise ValueError(f"`layer_input_shapes` names layers not in model '{model.name}': "
+                         f"{missing}. Available layers: {sorted(names)}.")
+
+    seen_shapes = {}
+    functional = _functional_of(model)
+    if functional is not None:
+        _walk_graph(functional, _input_specs(functional, input_shape), seen_shapes)
+    elif input_shape is not None:
+        # A subclassed model: symbolic tracing is not possible without data,
+        # so the sizes come from the layers' own build shapes.
+        raise ValueError(f"`input_shape` needs a functional or Sequential model; "
+                         f"'{model.name}' is subclassed. Use `layer_input_shapes=` instead.")
+
+    wanted = None if layers is None else {layers} if isinstance(layers, str) else set(layers)
+    operators = []
+    for layer in all_layers:
+        if not is_operator_layer(layer):
+            continue
+        try:
+            operators.extend(_model_layer_operators(layer, seen_shapes, layer_input_shapes,
+                                                    round_up))
+        except ValueError:
+            # A layer left out by `layers` (given by layer name or variable
+            # path "<...>/<layer>/<kernel>") may be one we cannot describe.
+            if wanted is None or layer.name in wanted or any(
+                    name.split("/")[-2:-1] == [layer.name] for name in wanted):
+                raise
+    operators = _unique_names(operators)
+    if kinds is not None:
+        operators = [op for op in operators if op.geometry.kind in kinds]
+    return select_operators(operators, layers, model)
+
+
+def _model_layer_operators(layer, seen_shapes, layer_input_shapes, round_up):
+    """`layer_geometry` with the input size read from the model walk."""
+    if isinstance(layer, _DENSE_CLASSES):
+        return layer_geometry(layer)
+    if layer.name in layer_input_shapes:
+        size = layer_input_shapes[layer.name]
+    else:
+        size = None
+        shapes = seen_shapes.get(id(layer), [])
+        if shapes:
+            size = _agreed_spatial(layer, shapes)
+        if size is None or any(d is None for d in size):
+            recorded = _agreed_spatial(layer, _recorded_input_shapes(layer))
+            if recorded is not None and all(d is not None for d in recorded):
+                size = recorded
+    if size is None or any(d is None for d in _as_tuple(size, layer.rank, "input_shape")):
+        raise _unknown_size_error(layer, size)
+    return layer_geometry(layer, input_shape=size, round_up=round_up)
+
+
+def select_operators(operators, layers, model=None):
+    """Keeps the operators named in `layers` (layer names or variable paths)."""
+    if layers is None:
+        return operators
+    if isinstance(layers, str):
+        layers = [layers]
+    wanted = list(layers)
+    available = sorted({op.layer.name for op in operators} | {op.name for op in operators})
+    unknown = [n for n in wanted if n not in available]
+    if unknown:
+        detail = ""
+        if model is not None:
+            other = [n for n in unknown if n in set(_layer_names(model))]
+            if other:
+                detail = f" ({other} exist but are not linear-operator layers of the kinds asked for)"
+        raise ValueError(f"Unknown layer names {unknown}{detail}. Available: {available}.")
+    return [op for op in operators if op.layer.name in wanted or op.name in wanted]
+
