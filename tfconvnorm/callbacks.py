@@ -6,7 +6,6 @@ Both find the model's operator layers and their input sizes themselves
 `tfconvnorm.spectral`'s.
 """
 
-import io
 import os
 
 from absl import logging
@@ -16,6 +15,7 @@ import tensorflow as tf
 
 from tfconvnorm import constraints as constraints_lib
 from tfconvnorm import geometry as geometry_lib
+from tfconvnorm import plotting
 from tfconvnorm import spectral
 
 #: The published experiments projected every 100 steps with the single clip.
@@ -24,11 +24,8 @@ DEFAULT_CLIPPER_METHOD = "paper"
 #: Subdirectory of `log_dir` for the spectra, beside keras.callbacks.TensorBoard's
 #: "train" and "validation".
 SPECTRA_SUBDIR = "spectra"
-#: Figure size (inches) and resolution of the spectra image.
-_FIGURE_SIZE = (6.4, 4.8)
+#: Resolution of the spectra image (TensorBoard shows it small anyway).
 _FIGURE_DPI = 80
-#: Layers named in the figure legend at most (beyond that it hides the plot).
-_MAX_LEGEND_ENTRIES = 12
 
 
 def _check_every(value, argument, allow_none=False):
@@ -213,27 +210,12 @@ class OperatorNormClipper(keras.callbacks.Callback):
 def _spectra_figure_png(names, spectra):
     """PNG bytes of all sorted spectra on log-log axes; None without matplotlib."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
-        from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+        import matplotlib  # pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
         return None
-    # Figure + Agg canvas directly: no pyplot, so the user's backend is untouched.
-    figure = Figure(figsize=_FIGURE_SIZE, dpi=_FIGURE_DPI)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
-    for name, values in zip(names, spectra):
-        values = values[values > 0]  # zeros have no place on a log axis
-        if values.size:
-            axes.loglog(np.arange(1, values.size + 1), values, label=name, linewidth=1)
-    axes.set_xlabel("rank of singular value")
-    axes.set_ylabel("singular value")
-    axes.set_title("Singular values of each layer (circular convolution)")
-    if len(names) <= _MAX_LEGEND_ENTRIES:
-        axes.legend(fontsize="x-small")
-    axes.grid(True, which="major", alpha=0.3)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    figure = plotting.plot_spectra(dict(zip(names, spectra)), log_x=True, log_y=True,
+                                   title="Singular values of each layer (circular convolution)")
+    return plotting.figure_to_png(figure, dpi=_FIGURE_DPI)
 
 
 def make_spectra_fn(operators):
