@@ -1,0 +1,163 @@
+"""Tests for models/cifar_input.py: datasets, augmentation, TFDS loading and its errors."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models import cifar_input
+
+
+def _arrays(dataset):
+    images, labels = zip(*dataset.as_numpy_iterator())
+    return np.stack(images), np.array(labels)
+
+
+def _store_tiny_cifar10(data_dir, num_train=32, num_test=8, seed=0):
+    """A real-format TFDS cifar10 copy (same name, version and features) in data_dir."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    rng = np.random.RandomState(seed)
+    arrays = {}
+
+    def split(name, n):
+        images = rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8)
+        labels = rng.randint(0, 10, n).astype(np.int64)
+        arrays[name] = (images, labels)
+        return tf.data.Dataset.from_tensor_slices(
+            {"id": [f"{name}_{i}" for i in range(n)], "image": images, "label": labels})
+
+    features = tfds.features.FeaturesDict({
+        "id": tfds.features.Text(),
+        "image": tfds.features.Image(shape=(32, 32, 3)),
+        "label": tfds.features.ClassLabel(num_classes=10)})
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="cifar10", version="3.0.2", features=features, data_dir=str(data_dir),
+        split_datasets={"train": split("train", num_train), "test": split("test", num_test)})
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return {split: _arrays(cifar_input.load_split("digits", split)[0])
+            for split in ("train", "test")}
+
+
+def test_dataset_info_and_unknown_names():
+    assert cifar_input.dataset_info("cifar10").num_classes == 10
+    assert cifar_input.dataset_info("cifar100").num_classes == 100
+    assert cifar_input.dataset_info("svhn_cropped").flip is False
+    assert cifar_input.dataset_info("digits").image_shape == (32, 32, 1)
+    with pytest.raises(ValueError, match="dataset must be one of .*'imagenet'"):
+        cifar_input.dataset_info("imagenet")
+    with pytest.raises(ValueError, match="split must be 'train' or 'test', got 'validation'"):
+        cifar_input.load_split("digits", "validation")
+
+
+def test_digits_split_is_fixed_disjoint_and_labelled(digits):
+    (x, y), (xt, yt) = digits["train"], digits["test"]
+    assert x.shape == (1437, 32, 32, 1) and xt.shape == (360, 32, 32, 1)
+    assert x.dtype == np.uint8 and y.dtype == np.int32
+    assert set(y) == set(yt) == set(range(10))
+    # Disjoint (the 1797 digits images are all distinct) and the same on every load.
+    train_rows = {row.tobytes() for row in x}
+    assert not train_rows & {row.tobytes() for row in xt}
+    again, _ = _arrays(cifar_input.load_split("digits", "test")[0])
+    np.testing.assert_array_equal(again, xt)
+    # Images and labels line up: 1-nearest-neighbour on the upsampled pixels
+    # classifies the test split almost perfectly (sklearn's digits: ~98%).
+    a = x.reshape(len(x), -1).astype(np.float32)
+    b = xt.reshape(len(xt), -1).astype(np.float32)
+    distances = (b ** 2).sum(1)[:, None] - 2 * b @ a.T + (a ** 2).sum(1)[None]
+    assert np.mean(y[np.argmin(distances, axis=1)] == yt) > 0.95
+
+
+def test_eval_preprocessing_standardizes():
+    image = np.random.RandomState(0).randint(0, 256, (32, 32, 3)).astype(np.uint8)
+    out = cifar_input.preprocess_image(image, False, (32, 32, 3), flip=True).numpy()
+    assert out.dtype == np.float32
+    assert abs(out.mean()) < 1e-4 and out.std() == pytest.approx(1.0, rel=1e-3)
+    np.testing.assert_allclose(
+        out, tf.image.per_image_standardization(image.astype(np.float32)), rtol=1e-5)
+
+
+def _window_offsets(out, image, flip):
+    """Offsets (dy, dx, flipped) of the padded image's windows that `out` standardizes."""
+    padded = np.pad(image.astype(np.float32), ((4, 4), (4, 4), (0, 0)))
+    found = []
+    for dy in range(9):
+        for dx in range(9):
+            window = padded[dy:dy + 32, dx:dx + 32]
+            for flipped in ((False, True) if flip else (False,)):
+                candidate = window[:, ::-1] if flipped else window
+                expected = tf.image.per_image_standardization(candidate).numpy()
+                if np.allclose(out, expected, atol=1e-4):
+                    found.append((dy, dx, flipped))
+    return found
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_training_augmentation_is_pad_crop_flip(flip):
+    tf.random.set_seed(3)
+    image = np.random.RandomState(1).randint(1, 256, (32, 32, 1)).astype(np.uint8)
+    seen = set()
+    for _ in range(12):
+        out = cifar_input.preprocess_image(image, True, (32, 32, 1), flip=flip).numpy()
+        assert out.shape == (32, 32, 1)
+        offsets = _window_offsets(out, image, flip)
+        assert len(offsets) == 1, "every output is one window of the zero-padded image"
+        seen.add(offsets[0])
+    assert len({(dy, dx) for dy, dx, _ in seen}) > 3  # crops vary
+    assert any(f for _, _, f in seen) == flip  # flips happen only when asked for
+
+
+def test_build_dataset_digits_batches():
+    train, num_train = cifar_input.build_dataset("digits", "train", 100, seed=0)
+    assert num_train == 1437
+    assert int(train.cardinality()) == 14  # the last partial batch is dropped
+    images, labels = next(iter(train))
+    assert images.shape == (100, 32, 32, 1) and images.dtype == tf.float32
+    assert labels.shape == (100,) and labels.dtype == tf.int32
+    first_epoch = np.concatenate([l.numpy() for _, l in train])
+    second_epoch = np.concatenate([l.numpy() for _, l in train])
+    assert not np.array_equal(first_epoch, second_epoch)  # reshuffled every epoch
+    test, num_test = cifar_input.build_dataset("digits", "test", 100)
+    test_labels = np.concatenate([l.numpy() for _, l in test])
+    assert num_test == len(test_labels) == 360  # evaluation keeps every example
+    with pytest.raises(ValueError, match="batch_size=2000 exceeds the 1437 examples"):
+        cifar_input.build_dataset("digits", "train", 2000)
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        cifar_input.build_dataset("digits", "train", 0)
+
+
+def test_loads_a_tfds_copy_from_data_dir(tmp_path):
+    arrays = _store_tiny_cifar10(tmp_path, num_train=32, num_test=8)
+    dataset, n = cifar_input.load_split("cifar10", "train", data_dir=str(tmp_path),
+                                        download=False)
+    images, labels = _arrays(dataset)
+    assert n == 32 and images.shape == (32, 32, 32, 3)
+    # The stored examples, in some order.
+    order = np.lexsort(images.reshape(32, -1).T)
+    stored = arrays["train"][0]
+    stored_order = np.lexsort(stored.reshape(32, -1).T)
+    np.testing.assert_array_equal(images[order], stored[stored_order])
+    np.testing.assert_array_equal(labels[order], arrays["train"][1][stored_order])
+    train, _ = cifar_input.build_dataset("cifar10", "train", 8, data_dir=str(tmp_path))
+    batches = list(train)
+    assert len(batches) == 4 and batches[0][0].shape == (8, 32, 32, 3)
+
+
+def test_missing_data_says_how_to_provide_it(tmp_path, monkeypatch):
+    empty = str(tmp_path / "tfds")
+    with pytest.raises(cifar_input.DataUnavailableError) as info:
+        cifar_input.load_split("cifar10", "train", data_dir=empty, download=False)
+    message = str(info.value)
+    for needed in ("--data_dir", "--manual_dir", "cifar-10-binary.tar.gz", "download_and_prepare",
+                   "downloading is disabled"):
+        assert needed in message
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    with pytest.raises(cifar_input.DataUnavailableError, match=r"lacks \['cifar-10-binary"):
+        cifar_input.load_split("cifar10", "test", data_dir=empty, manual_dir=str(manual))
+    # Offline: fail at once rather than after minutes of download retries.
+    monkeypatch.setattr(cifar_input, "_server_reachable", lambda url: False)
+    with pytest.raises(cifar_input.DataUnavailableError, match="(?s)cannot be reached.*--manual_dir"):
+        cifar_input.load_split("svhn_cropped", "train", data_dir=empty)

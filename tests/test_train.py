@@ -1,0 +1,303 @@
+"""Tests for train.py: config and flag checks, a full tiny run, resuming after SIGKILL."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models import resnet_v2
+import tfconvnorm.spectral as spectral
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_TRAIN, TINY_TEST = 32, 8
+
+
+def _store_tiny_cifar10(data_dir, num_train=TINY_TRAIN, num_test=TINY_TEST):
+    """A real-format TFDS `cifar10` copy (same name, version and features) in data_dir."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    rng = np.random.RandomState(0)
+
+    def split(n):
+        return tf.data.Dataset.from_tensor_slices({
+            "id": [f"x{i}" for i in range(n)],
+            "image": rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8),
+            "label": rng.randint(0, 10, n).astype(np.int64)})
+
+    features = tfds.features.FeaturesDict({
+        "id": tfds.features.Text(),
+        "image": tfds.features.Image(shape=(32, 32, 3)),
+        "label": tfds.features.ClassLabel(num_classes=10)})
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="cifar10", version="3.0.2", features=features, data_dir=str(data_dir),
+        split_datasets={"train": split(num_train), "test": split(num_test)})
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar10(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tfds")
+    _store_tiny_cifar10(data_dir)
+    return str(data_dir)
+
+
+def _parse(argv):
+    flag_values = flags.FlagValues()
+    train.define_flags(flag_values)
+    flag_values(["train.py"] + argv)
+    return train.config_from_flags(flag_values)
+
+
+def _tags(event_dir):
+    tags = set()
+    for path in glob.glob(os.path.join(event_dir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(value.tag for value in event.summary.value)
+    return tags
+
+
+def test_config_defaults_follow_the_recipe():
+    config = train.TrainConfig()
+    assert config.learning_rate == pytest.approx(0.1)
+    assert config.lr_boundaries == (91, 136, 182)
+    assert (config.num_classes, config.input_shape) == (10, (32, 32, 3))
+    assert train.TrainConfig(batch_size=256).learning_rate == pytest.approx(0.2)
+    assert train.TrainConfig(epochs=40).lr_boundaries == (20.0, 29.89, 40.0)
+    digits = train.TrainConfig(dataset="digits", clip_to=1.0)
+    assert (digits.num_classes, digits.input_shape) == (10, (32, 32, 1))
+    assert (digits.clip_method, digits.final_clip_method) == ("paper", "alternating")
+    # JSON round trip (config.json is how analysis rebuilds the model).
+    again = train.TrainConfig.from_json_dict(json.loads(json.dumps(digits.to_json_dict())))
+    assert again == digits
+
+
+def test_learning_rate_schedule_in_epochs():
+    config = train.TrainConfig(learning_rate=0.4, lr_boundaries=(2, 3), epochs=4)
+    schedule = train.learning_rate_schedule(config, steps_per_epoch=10)
+    rates = [float(schedule(step)) for step in (0, 19, 20, 21, 30, 31, 1000)]
+    np.testing.assert_allclose(rates, [0.4, 0.4, 0.4, 0.04, 0.04, 0.004, 0.004], rtol=1e-6)
+
+
+def test_flags_build_the_config(tmp_path):
+    config, model_dir = _parse([f"--model_dir={tmp_path}/run", "--dataset=digits", "--depth=20",
+                                "--epochs=30", "--clip_to=1.0", "--lr_boundaries=15,25",
+                                "--batch_size=64", "--weight_decay=5e-4"])
+    assert model_dir == f"{tmp_path}/run"
+    assert config == train.TrainConfig(dataset="digits", depth=20, epochs=30, clip_to=1.0,
+                                       lr_boundaries=(15.0, 25.0), batch_size=64,
+                                       weight_decay=5e-4)
+    assert config.learning_rate == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--epochs=-1"], "--epochs must be a positive integer, got -1"),
+    (["--clip_to=0"], "--clip_to must be a finite number > 0"),
+    (["--clip_to=-2.5"], "--clip_to must be a finite number > 0"),
+    (["--dataset=imagenet"], "--dataset must be one of .*got 'imagenet'"),
+    (["--depth=21"], "--depth: depth must be 6n\\+2.*got depth=21"),
+    (["--lr_boundaries=10,5"], "--lr_boundaries must be strictly increasing"),
+    (["--lr_boundaries=ten"], "--lr_boundaries must be comma-separated epochs, got 'ten'"),
+    (["--clip_method=svd"], "--clip_method must be one of"),
+    (["--strategy=horovod"], "--strategy must be one of"),
+    (["--momentum=1.0"], "--momentum must be in \\[0, 1\\)"),
+    (["--batch_size=0"], "--batch_size must be a positive integer, got 0"),
+    (["--dataset=digits", "--batch_size=5000"], "--batch_size must be at most the 1437"),
+])
+def test_bad_flags_are_usage_errors_before_any_work(tmp_path, argv, message):
+    model_dir = tmp_path / "never_created"
+    with pytest.raises(app.UsageError, match=message):
+        _parse([f"--model_dir={model_dir}"] + argv)
+    assert not model_dir.exists()
+
+
+def test_model_dir_must_be_a_directory_of_the_same_run(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(app.UsageError, match="--model_dir must be a directory, but .* is a file"):
+        _parse([f"--model_dir={a_file}"])
+    with pytest.raises(app.UsageError, match="--model_dir is required"):
+        _parse([])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / train.CONFIG_FILE).write_text(
+        json.dumps(train.TrainConfig(depth=20, lr_boundaries=(1, 2)).to_json_dict()))
+    with pytest.raises(app.UsageError, match="other settings \\(depth: 20 there, 32 now\\)"):
+        _parse([f"--model_dir={tmp_path}/run", "--depth=32", "--lr_boundaries=1,2"])
+    # Where the data lives or how long to run may change on resume (the default
+    # boundaries scale with --epochs, so a longer run must name them).
+    _parse([f"--model_dir={tmp_path}/run", "--depth=20", "--epochs=3", "--lr_boundaries=1,2",
+            "--data_dir=/elsewhere"])
+
+
+def test_non_finite_loss_stops_before_anything_is_saved():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(), "mse")
+    guard = train._FailOnNaN()  # pylint: disable=protected-access
+    guard.set_model(model)
+    guard.on_train_batch_end(0, {"loss": 1.5})
+    with pytest.raises(FloatingPointError, match="training diverged: loss nan at step 0"):
+        guard.on_train_batch_end(1, {"loss": np.float32("nan")})
+
+
+def test_recalibrate_batch_norm_averages_batch_statistics():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="dense"),
+                              keras.layers.BatchNormalization(momentum=0.9, name="bn")])
+    rng = np.random.RandomState(0)
+    x = rng.randn(12, 3).astype(np.float32) * [1.0, 5.0, 0.2] + [3.0, -1.0, 0.5]
+    dataset = tf.data.Dataset.from_tensor_slices((x, np.zeros(12))).batch(4)
+    assert train.recalibrate_batch_norm(model, dataset, 3) == 3
+    h = model.get_layer("dense")(x).numpy().reshape(3, 4, 2)  # the BN input, per batch
+    bn = model.get_layer("bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(axis=1).mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), h.var(axis=1).mean(axis=0),
+                               rtol=1e-4)
+    assert bn.momentum == 0.9  # restored
+    # More batches than the dataset holds: it cycles through it again.
+    assert train.recalibrate_batch_norm(model, dataset, 6) == 6
+    np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(axis=1).mean(axis=0), rtol=1e-5)
+
+
+def test_train_on_tfds_copy_with_clipping(tiny_cifar10, tmp_path):
+    """A tiny run through the real TFDS loading code: paper clipping, guaranteed final projection."""
+    model_dir = str(tmp_path / "run")
+    config = train.TrainConfig(
+        dataset="cifar10", data_dir=tiny_cifar10, download=False, depth=8, epochs=2,
+        batch_size=16, clip_to=0.5, clip_every=3, bn_recalibration_batches=4, progress="none")
+    results = train.train_and_evaluate(config, model_dir)
+
+    assert results == json.load(open(os.path.join(model_dir, train.RESULTS_FILE)))
+    assert results["steps"] == 2 * TINY_TRAIN // 16
+    assert results["num_test_examples"] == TINY_TEST
+    assert 0 <= results["test_accuracy"] <= 1
+    assert results["test_error"] == pytest.approx(1 - results["test_accuracy"])
+    assert results["flags"]["data_dir"] == tiny_cifar10
+    saved_config = json.load(open(os.path.join(model_dir, train.CONFIG_FILE)))
+    assert train.TrainConfig.from_json_dict(saved_config) == config
+    assert not glob.glob(os.path.join(model_dir, "*tmp*"))  # no leftovers of atomic writes
+    assert not os.path.exists(os.path.join(model_dir, train.BACKUP_DIR))  # finished: removed
+
+    # Checkpoints per epoch restore into a freshly built model, as analysis does.
+    manager_dir = os.path.join(model_dir, train.CHECKPOINT_DIR)
+    assert tf.train.latest_checkpoint(manager_dir).endswith("ckpt-2")
+    assert os.path.exists(os.path.join(manager_dir, "ckpt-1.index"))
+    rebuilt = resnet_v2.cifar_resnet_v2(8, saved_config["num_classes"],
+                                        tuple(saved_config["input_shape"]))
+    tf.train.Checkpoint(model=rebuilt).restore(
+        tf.train.latest_checkpoint(manager_dir)).expect_partial()
+    loaded = keras.models.load_model(os.path.join(model_dir, train.MODEL_FILE))
+    x = np.random.RandomState(0).randn(2, 32, 32, 3).astype(np.float32)
+    np.testing.assert_allclose(rebuilt(x, training=False), loaded(x, training=False), rtol=1e-5)
+
+    # Every conv is within the bound (alternating guarantees max_norm * (1 + 1e-4)),
+    # checked independently from the saved model's kernels.
+    convs = [l for l in loaded.layers if isinstance(l, keras.layers.Conv2D)]
+    assert len(convs) == 10
+    for layer in convs:
+        size = layer.input.shape[1:3]
+        sigma = spectral.conv_singular_values(layer.kernel.numpy(), tuple(size),
+                                              strides=layer.strides)
+        assert float(sigma[0]) <= 0.5 * (1 + 1e-4), layer.name
+        assert results["operator_norms"][layer.kernel.path] == pytest.approx(float(sigma[0]),
+                                                                             rel=1e-4)
+    assert results["max_conv_operator_norm"] <= 0.5 * (1 + 1e-4)
+    assert results["final_projection"]["method"] == "alternating"
+    # The dense classifier is not clipped (the paper clipped convs only).
+    assert results["operator_kinds"]["logits/kernel"] == "dense"
+
+    # TensorBoard: losses, accuracy and learning rate; spectra from SpectrumLogger.
+    logs = os.path.join(model_dir, train.LOG_DIR)
+    assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate"} <= _tags(
+        os.path.join(logs, "train"))
+    assert "epoch_accuracy" in _tags(os.path.join(logs, "validation"))
+    assert "sigma_max/stem_conv/kernel" in _tags(os.path.join(logs, "spectra"))
+
+    # A finished model_dir returns its results without training again.
+    started = time.time()
+    assert train.train_and_evaluate(config, model_dir) == results
+    assert time.time() - started < 5
+
+
+def test_baseline_max_steps_mirrored_mixed_precision(tiny_cifar10, tmp_path):
+    """No clipping; stops at max_steps; runs under a strategy and mixed precision."""
+    config = train.TrainConfig(dataset="cifar10", data_dir=tiny_cifar10, download=False, depth=8,
+                               epochs=3, batch_size=8, max_steps=5, strategy="mirrored",
+                               mixed_precision=True, spectra_every_n_epochs=0,
+                               bn_recalibration_batches=2, progress="none")
+    results = train.train_and_evaluate(config, str(tmp_path / "run"))
+    # 4 steps per epoch: stopped one step into the second epoch.
+    assert results["steps"] == 5 and results["epochs_completed"] == 2
+    assert results["clip_to"] is None and results["final_projection"] is None
+    assert results["max_conv_norm_over_bound"] is None
+    assert results["max_conv_operator_norm"] > 1  # He init, unclipped
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored
+    assert not os.path.exists(tmp_path / "run" / train.LOG_DIR / "spectra")
+
+
+@pytest.mark.slow
+def test_resumes_after_sigkill(tiny_cifar10, tmp_path):
+    model_dir = str(tmp_path / "run")
+    epochs, batch = 12, 8
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset=cifar10",
+               f"--data_dir={tiny_cifar10}", "--nodownload", "--depth=8", f"--epochs={epochs}",
+               f"--batch_size={batch}", "--spectra_every_n_epochs=0", "--progress=none",
+               f"--model_dir={model_dir}"]
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    marker = os.path.join(model_dir, train.CHECKPOINT_DIR, "ckpt-2.index")
+    deadline = time.time() + 180
+    while not os.path.exists(marker) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    _, stderr = first.communicate()
+    assert first.returncode == -signal.SIGKILL, stderr[-3000:]
+    assert not os.path.exists(os.path.join(model_dir, train.RESULTS_FILE)), "finished too early"
+    done = len(glob.glob(os.path.join(model_dir, train.CHECKPOINT_DIR, "ckpt-*.index")))
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    results = json.load(open(os.path.join(model_dir, train.RESULTS_FILE)))
+    # Resumed where the last completed epoch left off (BackupAndRestore saves
+    # before the epoch's checkpoint), so at most the interrupted epoch is redone.
+    assert results["resumed_from_epoch"] >= done >= 2
+    assert results["resumed_from_epoch"] < epochs
+    # The optimizer state came back too: the step count is that of one full run.
+    assert results["steps"] == epochs * (TINY_TRAIN // batch)
+    assert tf.train.latest_checkpoint(
+        os.path.join(model_dir, train.CHECKPOINT_DIR)).endswith(f"ckpt-{epochs}")
+
+
+def test_demo_rejects_bad_arguments(tmp_path, capsys):
+    import demo  # pylint: disable=import-outside-toplevel
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for argv, message in [(["--epochs=0"], "--epochs must be a positive integer"),
+                          (["--clip_to=-1"], "--clip_to must be > 0"),
+                          ([f"--output_dir={a_file}"], "is a file")]:
+        with pytest.raises(SystemExit):
+            demo.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_trains_analyses_and_says_where(tmp_path, capsys):
+    import demo  # pylint: disable=import-outside-toplevel
+    output_dir = str(tmp_path / "demo")
+    demo.main([f"--output_dir={output_dir}", "--depth=8", "--epochs=1", "--max_steps=2"])
+    printed = capsys.readouterr().out
+    model_dir = os.path.join(output_dir, "model_dir")
+    results = json.load(open(os.path.join(model_dir, train.RESULTS_FILE)))
+    assert results["flags"]["dataset"] == "digits" and results["clip_to"] == 1.0
+    assert results["max_conv_operator_norm"] <= 1.0 * (1 + 1e-4)
+    for path in ("spectra.npz", "summary.csv", "spectra.png"):
+        assert os.path.getsize(os.path.join(output_dir, "analysis", path)) > 0
+        assert os.path.join(output_dir, "analysis", path) in printed
+    assert f"tensorboard --logdir {os.path.join(model_dir, train.LOG_DIR)}" in printed
