@@ -1,0 +1,390 @@
+"""End-to-end tests of analyze.py: each input kind created locally and small.
+
+For every kind the spectra in spectra.npz must equal `conv_singular_values`
+of the same kernels with geometry written out here by hand (input sizes and
+strides included), so a wrong geometry anywhere in the chain fails.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import analyze
+import tfconvnorm
+from tfconvnorm import checkpoints
+from tfconvnorm import reference
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLIM_IMAGE_SIZE = 64
+
+
+def load_npz(output_dir):
+    with np.load(os.path.join(output_dir, "spectra.npz"), allow_pickle=False) as data:
+        names = [str(n) for n in data["names"]]
+        return {name: {"sv": data[f"sv/{i}"], "strides": tuple(data[f"strides/{i}"]),
+                       "input_shape": tuple(data[f"input_shape/{i}"]),
+                       "approximate": bool(data["approximate"][i])}
+                for i, name in enumerate(names)}
+
+
+def check_spectrum(entry, kernel, input_shape, strides=1, groups=1, rtol=0.0):
+    expected = tfconvnorm.conv_singular_values(
+        np.asarray(kernel, np.float32), input_shape, strides=strides, groups=groups).numpy()
+    if rtol:
+        np.testing.assert_allclose(entry["sv"], expected, rtol=rtol)
+    else:
+        np.testing.assert_array_equal(entry["sv"], expected)
+    assert entry["input_shape"] == tuple(np.broadcast_to(input_shape, len(entry["input_shape"])))
+
+
+def check_outputs(result, output_dir, layer_count):
+    assert os.path.isfile(result["npz"]) and os.path.isfile(result["csv"])
+    assert result["png"] and open(result["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(result["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == layer_count + 1 and rows[-1]["name"] == checkpoints.PRODUCT_ROW_NAME
+    assert sorted(os.listdir(output_dir)) == ["spectra.npz", "spectra.png", "summary.csv"]
+
+
+# ---------------------------------------------------------------------------
+# .keras model file
+
+
+def small_keras_model():
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((15, 15, 3))
+    x = keras.layers.Conv2D(6, 3, padding="same", name="conv_a")(inputs)
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="conv_b")(x)  # 15: approx.
+    x = keras.layers.Conv2D(5, 1, name="pointwise")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+
+
+@pytest.fixture(scope="module")
+def keras_file(tmp_path_factory):
+    model = small_keras_model()
+    path = str(tmp_path_factory.mktemp("keras") / "small.keras")
+    model.save(path)
+    return path, {v.path: v.numpy() for v in model.weights}
+
+
+def test_keras_model_file(keras_file, tmp_path, capsys):
+    path, weights = keras_file
+    result = analyze.analyse(path, str(tmp_path), skip_1x1=True)
+    assert result["format"] == "keras"
+    check_outputs(result, str(tmp_path), 4)
+    spectra = load_npz(str(tmp_path))
+    check_spectrum(spectra["conv_a/kernel"], weights["conv_a/kernel"], (15, 15))
+    check_spectrum(spectra["conv_b/kernel"], weights["conv_b/kernel"], (16, 16), strides=2)
+    check_spectrum(spectra["pointwise/kernel"], weights["pointwise/kernel"], (8, 8))
+    check_spectrum(spectra["head/kernel"], weights["head/kernel"], ())
+    assert spectra["conv_b/kernel"]["approximate"] and not spectra["conv_a/kernel"]["approximate"]
+    printed = capsys.readouterr().out
+    assert "conv_b/kernel" in printed and "16x16*" in printed and "approximate" in printed
+    assert result["product_of_sigma_max"] == pytest.approx(
+        np.prod([s["sv"][0] for s in spectra.values()]))
+
+
+def test_layers_regex_and_float64(keras_file, tmp_path):
+    path, weights = keras_file
+    result = analyze.analyse(path, str(tmp_path), layers=r"^conv_", dtype="float64",
+                             verbose=False)
+    spectra = load_npz(str(tmp_path))
+    assert list(spectra) == ["conv_a/kernel", "conv_b/kernel"]
+    assert spectra["conv_a/kernel"]["sv"].dtype == np.float64
+    assert len(result["spectra"]) == 2
+    with pytest.raises(ValueError, match="matches none"):
+        analyze.analyse(path, str(tmp_path), layers="nothing_like_this", verbose=False)
+    with pytest.raises(ValueError, match="regular expression"):
+        analyze.analyse(path, str(tmp_path), layers="(", verbose=False)
+
+
+# ---------------------------------------------------------------------------
+# TF2 checkpoint from a 1-step train.py run
+
+
+@pytest.fixture(scope="module")
+def train_dir(tmp_path_factory):
+    import train  # pylint: disable=g-import-not-at-top
+    model_dir = str(tmp_path_factory.mktemp("train") / "run")
+    config = train.TrainConfig(dataset="digits", depth=8, epochs=1, batch_size=32, max_steps=1,
+                               spectra_every_n_epochs=0, progress="none",
+                               checkpoints_to_keep=1)
+    train.train_and_evaluate(config, model_dir)
+    return model_dir
+
+
+def test_tf2_checkpoint_from_train(train_dir, tmp_path):
+    result = analyze.analyse(train_dir, str(tmp_path), verbose=False)
+    assert result["format"] == "tf2" and "depth 8" in result["architecture"]
+    check_outputs(result, str(tmp_path), 11)  # 10 convs + the dense logits
+    # The checkpoint's values, read by name through TF's own restore.
+    model = keras.saving.load_model(os.path.join(train_dir, "model.keras"), compile=False)
+    restored = keras.models.clone_model(model)
+    tf.train.Checkpoint(model=restored).restore(
+        tf.train.latest_checkpoint(os.path.join(train_dir, "checkpoints"))).expect_partial()
+    weights = {v.path: v.numpy() for v in restored.weights}
+    spectra = load_npz(str(tmp_path))
+    # Digits are 32x32x1; stages at 32, 32 -> 16 (stride 2), 16 -> 8 (stride 2).
+    check_spectrum(spectra["stem_conv/kernel"], weights["stem_conv/kernel"], (32, 32))
+    check_spectrum(spectra["stage2_block1_conv1/kernel"], weights["stage2_block1_conv1/kernel"],
+                   (32, 32), strides=2)
+    check_spectrum(spectra["stage2_block1_shortcut/kernel"],
+                   weights["stage2_block1_shortcut/kernel"], (32, 32), strides=2)
+    check_spectrum(spectra["stage3_block1_conv2/kernel"], weights["stage3_block1_conv2/kernel"],
+                   (8, 8))
+    check_spectrum(spectra["logits/kernel"], weights["logits/kernel"], ())
+
+
+def test_tf2_wrong_depth_names_file_and_variable(train_dir, tmp_path):
+    prefix = tf.train.latest_checkpoint(os.path.join(train_dir, "checkpoints"))
+    with pytest.raises(checkpoints.CheckpointError, match="does not match") as info:
+        analyze.analyse(prefix, str(tmp_path), architecture="cifar_resnet_v2", depth=14,
+                        verbose=False)
+    assert prefix in str(info.value) and "variable '" in str(info.value)
+    assert not os.listdir(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# TF1 checkpoint with its .meta graph
+
+
+@pytest.fixture(scope="module")
+def tf1_prefix(tmp_path_factory):
+    prefix = str(tmp_path_factory.mktemp("tf1") / "model.ckpt-100")
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf.compat.v1.placeholder(tf.float32, [None, 6, 6, 2], name="images")
+        k1 = tf.compat.v1.get_variable("resnet_model/conv2d/kernel", [3, 3, 2, 3])
+        x = tf.nn.conv2d(images, k1, strides=2, padding="SAME")
+        k2 = tf.compat.v1.get_variable("resnet_model/conv2d_1/kernel", [1, 1, 3, 4])
+        tf.nn.conv2d(x, k2, strides=1, padding="SAME")
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            tf.compat.v1.train.Saver().save(session, prefix)
+    return prefix
+
+
+def test_tf1_meta_checkpoint(tf1_prefix, tmp_path):
+    result = analyze.analyse(tf1_prefix + ".meta", str(tmp_path), skip_1x1=True, verbose=False)
+    assert result["format"] == "tf1_meta"
+    check_outputs(result, str(tmp_path), 2)
+    reader = tf.train.load_checkpoint(tf1_prefix)
+    k1 = reader.get_tensor("resnet_model/conv2d/kernel")
+    spectra = load_npz(str(tmp_path))
+    check_spectrum(spectra["resnet_model/conv2d/kernel"], k1, (6, 6), strides=2)
+    assert spectra["resnet_model/conv2d/kernel"]["strides"] == (2, 2)
+    check_spectrum(spectra["resnet_model/conv2d_1/kernel"],
+                   reader.get_tensor("resnet_model/conv2d_1/kernel"), (3, 3))
+    # And against the explicit operator matrix of the strided conv.
+    explicit = np.sort(reference.explicit_singular_values(k1.astype(np.float64), (6, 6),
+                                                          strides=2))[::-1]
+    got = spectra["resnet_model/conv2d/kernel"]["sv"]
+    np.testing.assert_allclose(got, explicit[:got.shape[0]], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# TF-slim resnet_v2_50 (random weights, slim names) and Keras applications .h5
+
+
+def slim_resnet_v2_50_shapes():
+    """slim's resnet_v2_50 variables, spelled out from its layout (not from our name map)."""
+    scope = "resnet_v2_50"
+    batch_norm = ("gamma", "beta", "moving_mean", "moving_variance")
+    shapes = {f"{scope}/conv1/weights": (7, 7, 3, 64), f"{scope}/conv1/biases": (64,)}
+    channels = 64
+    for block, (units, depth) in enumerate(((3, 64), (4, 128), (6, 256), (3, 512)), 1):
+        for unit in range(1, units + 1):
+            prefix = f"{scope}/block{block}/unit_{unit}/bottleneck_v2"
+            shapes.update({f"{prefix}/preact/{v}": (channels,) for v in batch_norm})
+            if unit == 1:
+                shapes[f"{prefix}/shortcut/weights"] = (1, 1, channels, 4 * depth)
+                shapes[f"{prefix}/shortcut/biases"] = (4 * depth,)
+            shapes[f"{prefix}/conv1/weights"] = (1, 1, channels, depth)
+            shapes[f"{prefix}/conv2/weights"] = (3, 3, depth, depth)
+            for conv in ("conv1", "conv2"):
+                shapes.update({f"{prefix}/{conv}/BatchNorm/{v}": (depth,) for v in batch_norm})
+            shapes[f"{prefix}/conv3/weights"] = (1, 1, depth, 4 * depth)
+            shapes[f"{prefix}/conv3/biases"] = (4 * depth,)
+            channels = 4 * depth
+    shapes.update({f"{scope}/postnorm/{v}": (2048,) for v in batch_norm})
+    shapes[f"{scope}/logits/weights"] = (1, 1, 2048, 1001)
+    shapes[f"{scope}/logits/biases"] = (1001,)
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def slim_checkpoint(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    tensors = {name: rng.standard_normal(shape, dtype=np.float32) * 0.05
+               for name, shape in slim_resnet_v2_50_shapes().items()}
+    prefix = str(tmp_path_factory.mktemp("slim") / "resnet_v2_50.ckpt")
+    names = list(tensors) + ["global_step"]
+    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names),
+                      tensors=[tf.constant(tensors[n]) for n in names[:-1]]
+                      + [tf.constant(np.int64(1000))])
+    return prefix, tensors
+
+
+# At 64x64 the padded inputs are 70 (stem), 18, 10, 6 and 4 for the 3x3 convs.
+SLIM_CHECKS = {
+    "resnet_v2_50/conv1/weights": ((70, 70), 2),
+    "resnet_v2_50/block1/unit_1/bottleneck_v2/shortcut/weights": ((16, 16), 1),
+    "resnet_v2_50/block1/unit_3/bottleneck_v2/conv2/weights": ((18, 18), 2),
+    "resnet_v2_50/block2/unit_1/bottleneck_v2/conv2/weights": ((10, 10), 1),
+    "resnet_v2_50/block3/unit_6/bottleneck_v2/conv3/weights": ((2, 2), 1),
+}
+
+
+def test_slim_resnet_v2_50(slim_checkpoint, tmp_path):
+    prefix, tensors = slim_checkpoint
+    layers = "|".join(f"^{name}$" for name in SLIM_CHECKS) + "|logits"
+    result = analyze.analyse(prefix, str(tmp_path), image_size=SLIM_IMAGE_SIZE, layers=layers,
+                             verbose=False)
+    assert result["format"] == "slim" and "ResNet50V2" in result["architecture"]
+    check_outputs(result, str(tmp_path), len(SLIM_CHECKS) + 1)
+    spectra = load_npz(str(tmp_path))
+    for name, (size, stride) in SLIM_CHECKS.items():
+        check_spectrum(spectra[name], tensors[name], size, strides=stride)
+        assert spectra[name]["strides"] == (stride, stride)
+    # The classifier as stored: 2048 -> 1001 (background class included).
+    check_spectrum(spectra["resnet_v2_50/logits/weights"],
+                   tensors["resnet_v2_50/logits/weights"][0, 0], ())
+
+
+def test_slim_wrong_architecture_names_variable(slim_checkpoint, tmp_path):
+    prefix, _ = slim_checkpoint
+    with pytest.raises(checkpoints.CheckpointError,
+                       match="'resnet_v2_101/conv1/weights'.*missing") as info:
+        analyze.analyse(prefix, str(tmp_path), architecture="resnet_v2_101",
+                        image_size=SLIM_IMAGE_SIZE, verbose=False)
+    assert prefix in str(info.value)
+
+
+@pytest.mark.slow
+def test_slim_resnet_v2_50_every_layer(slim_checkpoint, tmp_path):
+    prefix, tensors = slim_checkpoint
+    result = analyze.analyse(prefix, str(tmp_path), image_size=SLIM_IMAGE_SIZE, verbose=False)
+    spectra = load_npz(str(tmp_path))
+    assert len(spectra) == 54  # 53 convs + logits
+    assert sum(1 for s in spectra.values() if s["strides"] == (2, 2)) == 4
+    for name, (size, stride) in SLIM_CHECKS.items():
+        check_spectrum(spectra[name], tensors[name], size, strides=stride)
+    assert np.isfinite(result["product_of_sigma_max"])
+
+
+@pytest.fixture(scope="module")
+def applications_model():
+    keras.utils.set_random_seed(5)
+    return keras.applications.ResNet50V2(weights=None, input_shape=(64, 64, 3))
+
+
+# Keras ResNet50V2 at 64: same padded sizes as slim's.
+H5_CHECKS = {
+    "conv1_conv/kernel": ((70, 70), 2),
+    "conv2_block3_2_conv/kernel": ((18, 18), 2),
+    "conv3_block4_2_conv/kernel": ((10, 10), 2),
+    "conv4_block1_0_conv/kernel": ((4, 4), 1),
+}
+
+
+def write_keras2_h5(path, model):
+    """keras.applications' download layout: root `layer_names`, `layer/name:0` datasets."""
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [layer.name.encode() for layer in model.layers]
+        f.attrs["backend"] = b"tensorflow"
+        for layer in model.layers:
+            group = f.create_group(layer.name)
+            variables = list(layer.trainable_weights) + list(layer.non_trainable_weights)
+            names = [f"{layer.name}/{v.name}:0" for v in variables]
+            group.attrs["weight_names"] = [n.encode() for n in names]
+            for name, variable in zip(names, variables):
+                group.create_dataset(name, data=variable.numpy())
+
+
+@pytest.mark.parametrize("kind", ["keras3", "keras2"])
+def test_keras_applications_h5(applications_model, tmp_path, kind):
+    if kind == "keras3":
+        path = str(tmp_path / "resnet50v2.weights.h5")
+        applications_model.save_weights(path)
+    else:
+        path = str(tmp_path / "resnet50v2_weights_tf_dim_ordering_tf_kernels.h5")
+        write_keras2_h5(path, applications_model)
+    output_dir = str(tmp_path / "out")
+    layers = "|".join(f"^{name}$" for name in H5_CHECKS)
+    result = analyze.analyse(path, output_dir, image_size=64, layers=layers, verbose=False)
+    assert result["format"] == "keras_weights" and "ResNet50V2" in result["architecture"]
+    check_outputs(result, output_dir, len(H5_CHECKS))
+    weights = {v.path: v.numpy() for v in applications_model.weights}
+    spectra = load_npz(output_dir)
+    for name, (size, stride) in H5_CHECKS.items():
+        check_spectrum(spectra[name], weights[name], size, strides=stride)
+
+
+# ---------------------------------------------------------------------------
+# The binary
+
+
+def run_binary(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, os.path.join(REPO, "analyze.py"), *args],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+
+def test_binary_end_to_end(keras_file, tmp_path):
+    path, weights = keras_file
+    done = run_binary(f"--checkpoint={path}", f"--output_dir={tmp_path}", "--skip_1x1",
+                      "--nolog_scale", "--log_rank")
+    assert done.returncode == 0, done.stderr
+    assert "PRODUCT" not in done.stdout and "product of sigma_max" in done.stdout
+    assert "conv_b/kernel" in done.stdout
+    spectra = load_npz(str(tmp_path))
+    check_spectrum(spectra["conv_b/kernel"], weights["conv_b/kernel"], (16, 16), strides=2)
+
+
+def test_binary_errors_without_traceback(keras_file, tmp_path):
+    missing = str(tmp_path / "no_such_model.keras")
+    done = run_binary(f"--checkpoint={missing}", f"--output_dir={tmp_path / 'out'}")
+    assert done.returncode != 0
+    assert "no_such_model.keras" in done.stderr and "Traceback" not in done.stderr
+    truncated = str(tmp_path / "cut.keras")
+    data = open(keras_file[0], "rb").read()
+    with open(truncated, "wb") as f:
+        f.write(data[:len(data) // 2])
+    done = run_binary(f"--checkpoint={truncated}", f"--output_dir={tmp_path / 'out'}")
+    assert done.returncode != 0
+    assert "cut.keras" in done.stderr and "Traceback" not in done.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_main_flag_errors(keras_file):
+    from absl import app  # pylint: disable=g-import-not-at-top
+    try:
+        analyze.FLAGS(["analyze.py", f"--checkpoint={keras_file[0]}"])
+        with pytest.raises(app.UsageError, match="--output_dir"):
+            analyze.main(["analyze.py"])
+        with pytest.raises(app.UsageError, match="Unexpected"):
+            analyze.main(["analyze.py", "extra"])
+        analyze.FLAGS(["analyze.py", f"--checkpoint={keras_file[0]}", "--output_dir=x",
+                       "--layers=("])
+        with pytest.raises(app.UsageError, match="regular expression"):
+            analyze.main(["analyze.py"])
+    finally:
+        analyze.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"dtype": "float16"}, "dtype"), ({"format": "pickle"}, "format"),
+    ({"architecture": "vgg16"}, "architecture"), ({"image_size": 0}, "image_size"),
+    ({"output_dir": ""}, "output_dir")])
+def test_bad_arguments(keras_file, tmp_path, kwargs, match):
+    arguments = {"output_dir": str(tmp_path), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        analyze.analyse(keras_file[0], verbose=False, **arguments)
