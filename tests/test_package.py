@@ -1,0 +1,44 @@
+"""The installed package: importable without the optional pieces, and declared right."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_import_works_without_matplotlib_tfds_or_absl_flags_parsing():
+    # Keras itself imports matplotlib when it is installed, so block it and
+    # TFDS outright: the library must not need either.
+    code = (
+        "import sys\n"
+        "sys.modules['matplotlib'] = None\n"
+        "sys.modules['tensorflow_datasets'] = None\n"
+        "import numpy as np, tfconvnorm\n"
+        "v = tfconvnorm.conv_operator_norm(np.eye(2, dtype='float32')[None, None], (4, 4))\n"
+        "assert abs(float(v) - 1.0) < 1e-6, v\n"
+        "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_library_modules_import_matplotlib_only_inside_functions():
+    for path in (ROOT / "tfconvnorm").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] in ("matplotlib", "tensorflow_datasets", "models")
+                           for n in names), f"{path.name} imports {names} at module level"
+
+
+def test_setup_declares_tensorboard_and_both_tensorflow_flavours():
+    text = (ROOT / "setup.py").read_text()
+    assert '"tensorboard' in text
+    assert '"tensorflow-cpu' in text and '"tensorflow[and-cuda]' in text
