@@ -362,3 +362,72 @@ def test_projection_and_norm_survive_extreme_magnitudes(magnitude):
     expected = tfconvnorm.clip_conv_singular_values(kernel, (8, 8), 0.5 * norm).numpy()
     np.testing.assert_allclose(clipped.numpy() / magnitude, expected, rtol=1e-4,
                                atol=1e-5 * np.abs(expected).max())
+
+
+# --- batches of same-geometry kernels ---------------------------------------
+
+
+@pytest.mark.parametrize("shape,n,strides,dilation,groups", [
+    ((3, 3, 2, 4), (6, 6), 2, 1, 2),
+    ((3, 2, 3), (8,), 1, 2, 1),
+    ((1, 1, 4, 3), (4, 4), 1, 1, 1),
+    ((3, 3, 1, 4), (4, 4), 1, 1, 4),
+    ((4, 5), (), 1, 1, 1),
+])
+def test_batch_functions_equal_one_kernel_at_a_time(shape, n, strides, dilation, groups):
+    kernels = [_random_kernel(shape, seed=20 + i) * (i + 1) for i in range(3)]
+    values = tfconvnorm.conv_singular_values_batch(kernels, n, strides, dilation, groups)
+    norms = tfconvnorm.conv_operator_norm_batch(kernels, n, strides, dilation, groups)
+    for b, kernel in enumerate(kernels):
+        expected = reference.explicit_singular_values(kernel, n, strides, dilation, groups)
+        np.testing.assert_allclose(values[b].numpy(), expected, rtol=1e-8,
+                                   atol=1e-10 * expected[0])
+        assert norms[b].numpy() == pytest.approx(expected[0], rel=1e-10)
+    # Per-kernel projections: one kernel inside (unchanged), two outside.
+    max_norm = 1.5 * reference.explicit_singular_values(kernels[0], n, strides, dilation,
+                                                        groups)[0]
+    for method in ("paper", "alternating"):
+        batch = tfconvnorm.clip_conv_singular_values_batch(kernels, n, max_norm, strides,
+                                                           dilation, groups, method=method)
+        assert batch.shape == (3,) + shape
+        for b, kernel in enumerate(kernels):
+            single = tfconvnorm.clip_conv_singular_values(kernel, n, max_norm, strides,
+                                                          dilation, groups, method=method)
+            np.testing.assert_allclose(batch[b].numpy(), single.numpy(), rtol=1e-7,
+                                       atol=1e-9 * np.abs(single.numpy()).max())
+    np.testing.assert_array_equal(batch[0].numpy(), kernels[0])
+
+
+def test_batch_exact_projection_matches_single():
+    kernels = [_random_kernel((3, 3, 2, 3), seed=30 + i) for i in range(2)]
+    max_norm = 0.5 * _norm(kernels[0], (6, 6))
+    batch = tfconvnorm.clip_conv_singular_values_batch(kernels, (6, 6), max_norm,
+                                                       method="exact", tolerance=1e-10,
+                                                       iterations=3000)
+    for b, kernel in enumerate(kernels):
+        single = tfconvnorm.clip_conv_singular_values(kernel, (6, 6), max_norm, method="exact",
+                                                      tolerance=1e-10, iterations=3000)
+        np.testing.assert_allclose(batch[b].numpy(), single.numpy(), rtol=1e-5, atol=1e-7)
+        assert _norm(batch[b].numpy(), (6, 6)) <= max_norm * (1 + 1e-4)
+
+
+def test_batch_norm_gradient_is_per_kernel():
+    kernels = [tf.Variable(_random_kernel((3, 3, 2, 2), seed=40 + i)) for i in range(2)]
+    with tf.GradientTape() as tape:
+        total = tf.reduce_sum(tfconvnorm.conv_operator_norm_batch(kernels, (6, 6)))
+    gradients = tape.gradient(total, kernels)
+    for kernel, gradient in zip(kernels, gradients):
+        with tf.GradientTape() as tape:
+            norm = tfconvnorm.conv_operator_norm(kernel, (6, 6))
+        np.testing.assert_allclose(gradient.numpy(), tape.gradient(norm, kernel).numpy(),
+                                   rtol=1e-8, atol=1e-12)
+
+
+def test_batch_rejects_mixed_shapes_and_single_arrays():
+    with pytest.raises(ValueError, match=r"kernels\[1\]"):
+        tfconvnorm.conv_singular_values_batch([np.ones((3, 3, 1, 2)), np.ones((3, 3, 1, 3))],
+                                              (4, 4))
+    with pytest.raises(TypeError, match="list of kernels"):
+        tfconvnorm.conv_operator_norm_batch(np.ones((3, 3, 1, 2)), (4, 4))
+    with pytest.raises(ValueError, match="empty"):
+        tfconvnorm.conv_operator_norm_batch([], (4, 4))

@@ -10,8 +10,11 @@ from tfconvnorm.spectral import (
     DEFAULT_METHOD,
     METHODS,
     clip_conv_singular_values,
+    clip_conv_singular_values_batch,
     conv_operator_norm,
+    conv_operator_norm_batch,
     conv_singular_values,
+    conv_singular_values_batch,
     conv_transfer_matrices,
 )
 from tfconvnorm.geometry import (

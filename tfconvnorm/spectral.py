@@ -53,6 +53,9 @@ __all__ = [
     "conv_singular_values",
     "conv_operator_norm",
     "clip_conv_singular_values",
+    "conv_singular_values_batch",
+    "conv_operator_norm_batch",
+    "clip_conv_singular_values_batch",
 ]
 
 #: Projection methods accepted by `clip_conv_singular_values`.
@@ -352,58 +355,73 @@ def _max_abs(x):
     return tf.where(scale > 0, scale, tf.ones_like(scale))
 
 
-def _largest_singular_value(matrices):
-    """The largest singular value over a whole batch of matrices, exactly.
+def _largest_singular_values(matrices, count):
+    """The largest singular value of each of `count` operators, exactly.
 
-    Decomposing every frequency is wasteful when only the maximum matters:
-    every matrix whose upper bound (`_eigenvalue_bounds`) reaches the best
-    lower bound over the batch is a candidate for the maximum, and only those
-    (usually one or two) get an exact eigendecomposition, in complex128.
+    `matrices` has shape (frequencies, count * groups, rows, cols): operator
+    b owns groups [b * groups, (b + 1) * groups). Decomposing every frequency
+    is wasteful when only the maximum matters: a matrix whose upper bound
+    (`_eigenvalue_bounds`) stays below the best lower bound of its operator
+    cannot hold that operator's maximum, so only the others (usually one or
+    two per operator) get an exact eigendecomposition, in complex128.
     Gradients flow through that decomposition.
     """
     rows, cols = matrices.shape[-2:]
-    matrices = tf.reshape(matrices, (-1, rows, cols))
+    frequencies, batch = matrices.shape[0], matrices.shape[1]
+    per_operator = frequencies * (batch // count)
+    matrices = tf.reshape(matrices, (frequencies, count, batch // count, rows, cols))
+    matrices = tf.reshape(tf.transpose(matrices, [1, 0, 2, 3, 4]), (-1, rows, cols))
+    segment = tf.repeat(tf.range(count), per_operator)
+    real_dtype = matrices.dtype.real_dtype
     if min(rows, cols) == 1:
-        return tf.reduce_max(_matrix_singular_values(matrices, use_svd=False))
-    # Scaled so that squaring cannot overflow (or underflow) in complex64.
-    scale = tf.stop_gradient(_max_abs(matrices))
-    upper, lower = _eigenvalue_bounds(_gram(matrices / tf.cast(scale, matrices.dtype)))
-    slack = _BOUND_SLACK[matrices.dtype.real_dtype]
-    candidates = tf.where(upper >= tf.reduce_max(lower) * (1 - slack))[:, 0]
+        values = _matrix_singular_values(matrices, use_svd=False)[:, 0]
+        return tf.cast(tf.math.unsorted_segment_max(values, segment, count), real_dtype)
+    # Each operator scaled by its largest entry, so that squaring cannot
+    # overflow (or underflow) in complex64.
+    scale = tf.math.unsorted_segment_max(tf.reduce_max(tf.abs(matrices), axis=[-2, -1]),
+                                         segment, count)
+    scale = tf.stop_gradient(tf.where(scale > 0, scale, tf.ones_like(scale)))
+    scaled = matrices / tf.cast(tf.gather(scale, segment), matrices.dtype)[:, None, None]
+    upper, lower = _eigenvalue_bounds(_gram(scaled))
+    best_lower = tf.math.unsorted_segment_max(lower, segment, count)
+    slack = _BOUND_SLACK[real_dtype]
+    candidates = tf.where(upper >= tf.gather(best_lower, segment) * (1 - slack))[:, 0]
     chosen = tf.cast(tf.gather(matrices, candidates), tf.complex128)
     top = tf.math.real(tf.linalg.eigvalsh(_gram(chosen)))[:, -1]
-    return tf.cast(tf.sqrt(tf.maximum(tf.reduce_max(top), 0.0)), matrices.dtype.real_dtype)
+    top = tf.math.unsorted_segment_max(top, tf.gather(segment, candidates), count)
+    return tf.cast(tf.sqrt(tf.maximum(top, 0.0)), real_dtype)
 
 
 def _clip_matrices(matrices, max_norm):
     """Clip every matrix's singular values at max_norm (the Frobenius-nearest
     matrix with spectral norm <= max_norm), through the Gram matrix's eigh,
-    which unlike complex SVD has GPU kernels.
+    which unlike complex SVD has GPU kernels. `max_norm` broadcasts against
+    the batch shape `matrices.shape[:-2]`.
 
     Matrices whose Gram-iteration upper bound is already within the bound are
-    left as they are, without a decomposition: after the first projection of
-    a training run that is most of them.
+    left as they are, without a decomposition.
     """
     rows, cols = matrices.shape[-2:]
     real_dtype = matrices.dtype.real_dtype
-    max_norm = tf.cast(max_norm, real_dtype)
+    max_norm = tf.broadcast_to(tf.cast(max_norm, real_dtype), tf.shape(matrices)[:-2])
     if min(rows, cols) == 1:
         # A row or column: its Frobenius norm is its only singular value.
-        sigma = tf.sqrt(tf.reduce_sum(tf.math.square(tf.abs(matrices)), axis=[-2, -1],
-                                      keepdims=True))
+        sigma = tf.sqrt(tf.reduce_sum(tf.math.square(tf.abs(matrices)), axis=[-2, -1]))
         scale = tf.minimum(1.0, max_norm / tf.maximum(sigma, _tiny(real_dtype)))
-        return matrices * tf.cast(scale, matrices.dtype)
+        return matrices * tf.cast(scale, matrices.dtype)[..., None, None]
     shape = tf.shape(matrices)
     flat = tf.reshape(matrices, (-1, rows, cols))
+    bound = tf.reshape(max_norm, [-1])
     gram = _gram(flat)
     upper, _ = _eigenvalue_bounds(gram)
     slack = _BOUND_SLACK[real_dtype]
-    over = tf.where(upper > tf.square(max_norm) * (1 - slack))
+    over = tf.where(upper > tf.square(bound) * (1 - slack))
+    bound = tf.gather_nd(bound, over)[:, None]
     eigenvalues, vectors = tf.linalg.eigh(tf.gather_nd(gram, over))
     sigma = tf.sqrt(tf.maximum(tf.math.real(eigenvalues), 0.0))
     # Scale factor 1 for every singular value already below the bound (and
     # for zero ones); max_norm / sigma above it.
-    factor = tf.where(sigma > max_norm, max_norm / tf.maximum(sigma, max_norm), 1.0)
+    factor = tf.where(sigma > bound, bound / tf.maximum(sigma, bound), 1.0)
     shrink = tf.matmul(vectors * tf.cast(factor, matrices.dtype)[..., None, :], vectors,
                        adjoint_b=True)
     chosen = tf.gather_nd(flat, over)
@@ -439,6 +457,43 @@ def conv_transfer_matrices(kernel, input_shape, strides=1, dilation_rate=1, grou
     return _forward(kernel, geometry, complex_dtype), tf.constant(geometry.weights)
 
 
+def _stack(kernels, input_shape, strides, dilation_rate, groups):
+    """Kernels of one shape, concatenated along c_out.
+
+    Several same-geometry kernels side by side are one grouped convolution
+    with `groups * count` groups: its operator is block diagonal over them,
+    so one pass over the stacked kernel does every kernel's work with a
+    fraction of the op launches. Returns (stacked, count, geometry of the
+    stack).
+    """
+    if tf.is_tensor(kernels) or isinstance(kernels, np.ndarray):
+        raise TypeError("kernels must be a list of kernels of one shape, got a single "
+                        f"{type(kernels).__name__} of shape {tuple(kernels.shape)}")
+    kernels = [_prepare_kernel(k) for k in kernels]
+    if not kernels:
+        raise ValueError("kernels is empty")
+    first = kernels[0]
+    for index, k in enumerate(kernels):
+        if k.shape != first.shape or k.dtype != first.dtype:
+            raise ValueError(
+                f"kernels must share one shape and dtype: kernels[0] is {first.dtype.name} "
+                f"{tuple(first.shape)}, kernels[{index}] is {k.dtype.name} {tuple(k.shape)}")
+    # Validate as the user wrote it, so errors name their groups.
+    _Geometry(first.shape, input_shape, strides, dilation_rate, groups)
+    stacked = tf.concat(kernels, axis=-1) if len(kernels) > 1 else first
+    geometry = _Geometry(stacked.shape, input_shape, strides, dilation_rate,
+                         groups * len(kernels))
+    return stacked, len(kernels), geometry
+
+
+def _unstack(stacked, count):
+    """(*shape[:-1], count * c_out) -> (count, *shape[:-1], c_out)."""
+    shape = stacked.shape
+    x = tf.reshape(stacked, tuple(shape[:-1]) + (count, shape[-1] // count))
+    rank = len(shape)
+    return tf.transpose(x, [rank - 1] + list(range(rank - 1)) + [rank])
+
+
 def conv_singular_values(kernel, input_shape, strides=1, dilation_rate=1, groups=1):
     """Every singular value of a convolution layer's linear operator.
 
@@ -470,18 +525,28 @@ def conv_singular_values(kernel, input_shape, strides=1, dilation_rate=1, groups
         input size, or non-positive sizes.
       tf.errors.InvalidArgumentError: NaN or Inf in the kernel.
     """
-    kernel = _prepare_kernel(kernel)
-    geometry = _Geometry(kernel.shape, input_shape, strides, dilation_rate, groups)
-    out_dtype = kernel.dtype
-    _, complex_dtype = _work_dtypes(kernel.dtype)
+    return conv_singular_values_batch([kernel], input_shape, strides, dilation_rate, groups)[0]
+
+
+def conv_singular_values_batch(kernels, input_shape, strides=1, dilation_rate=1, groups=1):
+    """`conv_singular_values` of several kernels of one shape and geometry, in one pass.
+
+    Cheaper than a loop (a network has many layers of the same shape). Takes
+    a list of kernels; returns a tensor of shape `(len(kernels), count)`, row
+    b the sorted spectrum of `kernels[b]`.
+    """
+    stacked, count, geometry = _stack(kernels, input_shape, strides, dilation_rate, groups)
+    out_dtype = stacked.dtype
+    _, complex_dtype = _work_dtypes(out_dtype)
     # The transform keeps the kernel's precision; the decomposition runs in
     # complex128, since the Gram route squares the condition number.
-    matrices = _forward(kernel, geometry, complex_dtype)
+    matrices = _forward(stacked, geometry, complex_dtype)
     values = _matrix_singular_values(matrices, use_svd=out_dtype == tf.float64)
-    counts = tf.broadcast_to(tf.constant(geometry.weights)[:, None, None], values.shape)
-    values = tf.repeat(tf.reshape(values, [-1]), tf.reshape(counts, [-1]))
-    values = tf.sort(values, direction="DESCENDING")
-    return tf.cast(values, out_dtype)
+    frequencies, per_frequency = values.shape[0], values.shape[1] * values.shape[2] // count
+    values = tf.transpose(tf.reshape(values, (frequencies, count, per_frequency)), [1, 0, 2])
+    repeats = tf.repeat(tf.constant(geometry.weights), per_frequency)
+    values = tf.repeat(tf.reshape(values, (count, -1)), repeats, axis=1)
+    return tf.cast(tf.sort(values, axis=-1, direction="DESCENDING"), out_dtype)
 
 
 def conv_operator_norm(kernel, input_shape, strides=1, dilation_rate=1, groups=1):
@@ -493,11 +558,16 @@ def conv_operator_norm(kernel, input_shape, strides=1, dilation_rate=1, groups=1
     decomposed, by `eigvalsh` in complex128 (so this runs on a GPU too). The
     result has the kernel's dtype.
     """
-    kernel = _prepare_kernel(kernel)
-    geometry = _Geometry(kernel.shape, input_shape, strides, dilation_rate, groups)
-    _, complex_dtype = _work_dtypes(kernel.dtype)
-    matrices = _forward(kernel, geometry, complex_dtype)
-    return tf.cast(_largest_singular_value(matrices), kernel.dtype)
+    return conv_operator_norm_batch([kernel], input_shape, strides, dilation_rate, groups)[0]
+
+
+def conv_operator_norm_batch(kernels, input_shape, strides=1, dilation_rate=1, groups=1):
+    """`conv_operator_norm` of several kernels of one shape and geometry, in one
+    pass; returns a tensor of shape `(len(kernels),)`. Differentiable."""
+    stacked, count, geometry = _stack(kernels, input_shape, strides, dilation_rate, groups)
+    _, complex_dtype = _work_dtypes(stacked.dtype)
+    matrices = _forward(stacked, geometry, complex_dtype)
+    return tf.cast(_largest_singular_values(matrices, count), stacked.dtype)
 
 
 def _check_max_norm(max_norm):
@@ -559,11 +629,25 @@ def clip_conv_singular_values(kernel, input_shape, max_norm, strides=1, dilation
       tf.errors.InvalidArgumentError: NaN or Inf in the kernel (nothing is
         returned that could be written into a variable).
     """
+    return clip_conv_singular_values_batch([kernel], input_shape, max_norm, strides,
+                                           dilation_rate, groups, method, iterations,
+                                           tolerance)[0]
+
+
+def clip_conv_singular_values_batch(kernels, input_shape, max_norm, strides=1, dilation_rate=1,
+                                    groups=1, method=DEFAULT_METHOD, iterations=None,
+                                    tolerance=DEFAULT_EXACT_TOLERANCE):
+    """`clip_conv_singular_values` of several kernels of one shape and geometry.
+
+    One pass for all of them (each kernel is projected on its own: the
+    operators are independent). Returns a tensor of shape
+    `(len(kernels), *kernel_shape)`. Kernels already inside are returned
+    unchanged, each on its own.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got method={method!r}")
     max_norm = _check_max_norm(max_norm)
-    kernel = _prepare_kernel(kernel)
-    geometry = _Geometry(kernel.shape, input_shape, strides, dilation_rate, groups)
+    stacked, count, geometry = _stack(kernels, input_shape, strides, dilation_rate, groups)
     if iterations is None:
         iterations = (DEFAULT_EXACT_MAX_ITERATIONS if method == "exact"
                       else DEFAULT_ALTERNATING_ITERATIONS)
@@ -571,48 +655,61 @@ def clip_conv_singular_values(kernel, input_shape, max_norm, strides=1, dilation
             or iterations < 1:
         raise ValueError(f"iterations must be a positive int, got iterations={iterations!r}")
     if method == "exact" and geometry.folded:
+        extent = tuple((k - 1) * r + 1 for k, r in zip(geometry.kernel_size,
+                                                       geometry.dilation_rate))
         raise ValueError(
             f"method='exact' needs input_shape={geometry.input_shape} at least as large as "
-            f"the dilated kernel ({tuple((k - 1) * r + 1 for k, r in zip(geometry.kernel_size, geometry.dilation_rate))}) "
-            "on every axis; use method='alternating'")
-    out_dtype = kernel.dtype
+            f"the dilated kernel {extent} on every axis; use method='alternating'")
+    out_dtype = stacked.dtype
     real_dtype, complex_dtype = _work_dtypes(out_dtype)
-    # The projection is positively homogeneous, so work on kernel / max|kernel|:
-    # Gram matrices of a huge (diverged but finite) kernel would overflow.
-    scale = _max_abs(tf.cast(kernel, real_dtype))
-    work = tf.cast(kernel, real_dtype) / scale
-    bound = tf.cast(max_norm, real_dtype) / scale
+    c_out = stacked.shape[-1] // count
+    groups_per_kernel = geometry.groups // count
 
-    def norm_of(k):
-        return conv_operator_norm(k, geometry.input_shape, geometry.strides,
-                                  geometry.dilation_rate, geometry.groups)
+    def per_channel(values):  # (count,) -> broadcastable over the stacked kernel
+        return tf.repeat(values, c_out)
+
+    # The projection is positively homogeneous, so each kernel works on
+    # kernel / max|kernel|: Gram matrices of a huge (diverged but finite)
+    # kernel would overflow.
+    original = tf.cast(stacked, real_dtype)
+    scale = tf.reduce_max(tf.abs(tf.reshape(original, (-1, count, c_out))), axis=[0, 2])
+    scale = tf.where(scale > 0, scale, tf.ones_like(scale))
+    work = original / per_channel(scale)
+    bound = tf.cast(max_norm, real_dtype) / scale                      # (count,)
+    matrix_bound = tf.repeat(bound, groups_per_kernel)[None, :]        # (1, count * groups)
+
+    def norms_of(k):
+        return _largest_singular_values(_forward(k, geometry, complex_dtype), count)
 
     def clip_once(k):
-        return _inverse(_clip_matrices(_forward(k, geometry, complex_dtype), bound),
+        return _inverse(_clip_matrices(_forward(k, geometry, complex_dtype), matrix_bound),
                         geometry, real_dtype)
 
     def rescale(k):
-        norm = norm_of(k)
-        return k * tf.where(norm > bound, bound / norm, tf.ones_like(norm))
+        norms = norms_of(k)
+        return k * per_channel(tf.where(norms > bound, bound / norms, tf.ones_like(norms)))
 
     if method == "paper":
-        return tf.cast(clip_once(work) * scale, out_dtype)
+        return _unstack(tf.cast(clip_once(work) * per_channel(scale), out_dtype), count)
 
     def project():
         if method == "alternating":
             k = work
             for _ in range(int(iterations)):
                 k = clip_once(k)
-            return rescale(k)
-        run = _dykstra_function(tuple(kernel.shape), geometry.input_shape, geometry.strides,
-                                geometry.dilation_rate, geometry.groups, real_dtype.name,
-                                int(iterations), float(tolerance))
-        return rescale(run(work, bound))
+            projected = rescale(k)
+        else:
+            run = _dykstra_function(tuple(stacked.shape), geometry.input_shape,
+                                    geometry.strides, geometry.dilation_rate, geometry.groups,
+                                    real_dtype.name, int(iterations), float(tolerance))
+            projected = rescale(run(work, matrix_bound))
+        # Kernels inside stay the input itself, bit for bit.
+        return tf.where(per_channel(inside), stacked,
+                        tf.cast(projected * per_channel(scale), out_dtype))
 
-    inside = norm_of(work) <= bound * (1 + _INSIDE_RTOL[real_dtype])
-    # Inside: the input itself, bit for bit, not work * scale.
-    return tf.cond(inside, lambda: tf.identity(kernel),
-                   lambda: tf.cast(project() * scale, out_dtype))
+    inside = norms_of(work) <= bound * (1 + _INSIDE_RTOL[real_dtype])
+    result = tf.cond(tf.reduce_all(inside), lambda: tf.identity(stacked), project)
+    return _unstack(result, count)
 
 
 @functools.lru_cache(maxsize=64)
