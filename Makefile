@@ -30,7 +30,7 @@ test-fast: $(VENV)/.installed
 	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow" tests
 
 bench: $(VENV)/.installed
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.run --json benchmarks/results.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
