@@ -431,3 +431,15 @@ def test_batch_rejects_mixed_shapes_and_single_arrays():
         tfconvnorm.conv_operator_norm_batch(np.ones((3, 3, 1, 2)), (4, 4))
     with pytest.raises(ValueError, match="empty"):
         tfconvnorm.conv_operator_norm_batch([], (4, 4))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_operator_norm_of_wide_layers_screened_by_eigvalsh(dtype):
+    # Above 64 channels the candidates for the maximum are screened by a
+    # working-precision eigvalsh rather than Gram-iteration bounds.
+    for shape, n in [((3, 3, 70, 72), (3, 2)), ((1, 1, 80, 66), (2, 2))]:
+        kernels = [_random_kernel(shape, dtype, seed=50 + i) for i in range(2)]
+        norms = tfconvnorm.conv_operator_norm_batch(kernels, n).numpy()
+        for kernel, norm in zip(kernels, norms):
+            expected = reference.explicit_singular_values(kernel, n)[0]
+            assert norm == pytest.approx(expected, rel=1e-6 if dtype == np.float32 else 1e-10)
