@@ -443,3 +443,20 @@ def test_operator_norm_of_wide_layers_screened_by_eigvalsh(dtype):
         for kernel, norm in zip(kernels, norms):
             expected = reference.explicit_singular_values(kernel, n)[0]
             assert norm == pytest.approx(expected, rel=1e-6 if dtype == np.float32 else 1e-10)
+
+
+def test_projection_of_wide_layer_guarantees_the_bound():
+    # Above 64 channels every frequency is decomposed (no bound screening).
+    kernel = _random_kernel((3, 3, 66, 68), np.float32, seed=60)
+    max_norm = 0.5 * _norm(kernel, (3, 2))
+    for method in ("paper", "alternating"):
+        clipped = tfconvnorm.clip_conv_singular_values(kernel, (3, 2), max_norm, method=method)
+        if method == "alternating":
+            assert _norm(clipped, (3, 2)) <= max_norm * (1 + 1e-4)
+        else:  # one clip then cut: close to the bound, and far below the input's norm
+            assert _norm(clipped, (3, 2)) < 1.5 * max_norm
+    paper = tfconvnorm.clip_conv_singular_values(kernel.astype(np.float64), (4, 4), max_norm,
+                                                 method="paper")
+    expected = reference.published_clip(kernel.astype(np.float64), (4, 4), max_norm)
+    np.testing.assert_allclose(paper.numpy(), expected, rtol=1e-5,
+                               atol=1e-10 * np.abs(expected).max())

@@ -413,8 +413,9 @@ def _clip_matrices(matrices, max_norm):
     which unlike complex SVD has GPU kernels. `max_norm` broadcasts against
     the batch shape `matrices.shape[:-2]`.
 
-    Matrices whose Gram-iteration upper bound is already within the bound are
-    left as they are, without a decomposition.
+    Up to `_GRAM_BOUNDS_MAX_SIZE`, matrices whose Gram-iteration upper bound
+    is already within the bound are left as they are, without a
+    decomposition.
     """
     rows, cols = matrices.shape[-2:]
     real_dtype = matrices.dtype.real_dtype
@@ -428,9 +429,12 @@ def _clip_matrices(matrices, max_norm):
     flat = tf.reshape(matrices, (-1, rows, cols))
     bound = tf.reshape(max_norm, [-1])
     gram = _gram(flat)
-    upper, _ = _eigenvalue_bounds(gram)
-    slack = _BOUND_SLACK[real_dtype]
-    over = tf.where(upper > tf.square(bound) * (1 - slack))
+    if min(rows, cols) <= _GRAM_BOUNDS_MAX_SIZE:
+        upper, _ = _eigenvalue_bounds(gram)
+        slack = _BOUND_SLACK[real_dtype]
+        over = tf.where(upper > tf.square(bound) * (1 - slack))
+    else:  # the bounds would cost more than the decompositions they save
+        over = tf.where(tf.ones_like(bound, tf.bool))
     bound = tf.gather_nd(bound, over)[:, None]
     eigenvalues, vectors = tf.linalg.eigh(tf.gather_nd(gram, over))
     sigma = tf.sqrt(tf.maximum(tf.math.real(eigenvalues), 0.0))
