@@ -122,6 +122,13 @@ def _to_core(w):
     return w, dtype
 
 
+def _operator_norm(geometry, w):
+    """(exact operator norm of the kernel `w` in its own layout, w's dtype)."""
+    kernel, dtype = _to_core(w)
+    conv = geometry_lib.to_conv_layout(kernel, geometry.kind())
+    return spectral.conv_operator_norm(conv, **geometry.spectral_args(kernel.shape)), dtype
+
+
 @keras.saving.register_keras_serializable(package="tfconvnorm")
 class OperatorNormConstraint(keras.constraints.Constraint):
     """Constrains a convolution's exact operator norm (largest singular value).
@@ -181,13 +188,8 @@ class OperatorNormConstraint(keras.constraints.Constraint):
         self.iterations = iterations
         self._geometry = _OperatorGeometry(input_shape, strides, dilation_rate, groups, layout)
 
-    @property
-    def input_shape(self):
-        return self._geometry.input_shape
-
-    @property
-    def layout(self):
-        return self._geometry.layout
+    input_shape = property(lambda self: self._geometry.input_shape)
+    layout = property(lambda self: self._geometry.layout)
 
     def __call__(self, w):
         kernel, dtype = _to_core(w)
@@ -201,10 +203,8 @@ class OperatorNormConstraint(keras.constraints.Constraint):
 
     def operator_norm(self, w):
         """The norm this constraint bounds, for the kernel `w` (same layout)."""
-        kernel, dtype = _to_core(w)
-        conv = geometry_lib.to_conv_layout(kernel, self._geometry.kind())
-        return tf.cast(spectral.conv_operator_norm(
-            conv, **self._geometry.spectral_args(kernel.shape)), dtype)
+        norm, dtype = _operator_norm(self._geometry, w)
+        return tf.cast(norm, dtype)
 
     def get_config(self):
         config = dict(max_norm=self.max_norm, method=self.method, iterations=self.iterations)
@@ -245,18 +245,11 @@ class OperatorNormRegularizer(keras.regularizers.Regularizer):
         self.threshold = _check_positive(threshold, "threshold", allow_zero=True)
         self._geometry = _OperatorGeometry(input_shape, strides, dilation_rate, groups, layout)
 
-    @property
-    def input_shape(self):
-        return self._geometry.input_shape
-
-    @property
-    def layout(self):
-        return self._geometry.layout
+    input_shape = property(lambda self: self._geometry.input_shape)
+    layout = property(lambda self: self._geometry.layout)
 
     def __call__(self, x):
-        kernel, dtype = _to_core(x)
-        conv = geometry_lib.to_conv_layout(kernel, self._geometry.kind())
-        norm = spectral.conv_operator_norm(conv, **self._geometry.spectral_args(kernel.shape))
+        norm, dtype = _operator_norm(self._geometry, x)
         penalty = self.weight * tf.nn.relu(norm - tf.cast(self.threshold, norm.dtype))
         return tf.cast(penalty, dtype)
 
