@@ -22,7 +22,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -32,6 +31,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from benchmarks import workloads  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tfconvnorm import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_FIGURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figure1.png")
 
@@ -192,19 +192,8 @@ def _json_default(value):
 
 def write_json_atomic(path, payload):
     """Writes JSON to a temporary file in the same folder, then renames it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=1, allow_nan=False, default=_json_default)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    text = json.dumps(payload, indent=1, allow_nan=False, default=_json_default) + "\n"
+    checkpoints.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_figure1(results, path):
@@ -241,18 +230,10 @@ def write_figure1(results, path):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        checkpoints.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
