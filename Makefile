@@ -1,5 +1,5 @@
 # Each target creates .venv on first use and installs what it needs, so a fresh
-# clone needs nothing beyond python3 (>= 3.9) and network access to PyPI.
+# clone needs nothing beyond python3 (>= 3.10) and network access to PyPI.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
