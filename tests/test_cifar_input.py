@@ -12,29 +12,6 @@ def _arrays(dataset):
     return np.stack(images), np.array(labels)
 
 
-def _store_tiny_cifar10(data_dir, num_train=32, num_test=8, seed=0):
-    """A real-format TFDS cifar10 copy (same name, version and features) in data_dir."""
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    rng = np.random.RandomState(seed)
-    arrays = {}
-
-    def split(name, n):
-        images = rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8)
-        labels = rng.randint(0, 10, n).astype(np.int64)
-        arrays[name] = (images, labels)
-        return tf.data.Dataset.from_tensor_slices(
-            {"id": [f"{name}_{i}" for i in range(n)], "image": images, "label": labels})
-
-    features = tfds.features.FeaturesDict({
-        "id": tfds.features.Text(),
-        "image": tfds.features.Image(shape=(32, 32, 3)),
-        "label": tfds.features.ClassLabel(num_classes=10)})
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name="cifar10", version="3.0.2", features=features, data_dir=str(data_dir),
-        split_datasets={"train": split("train", num_train), "test": split("test", num_test)})
-    return arrays
-
-
 @pytest.fixture(scope="module")
 def digits():
     return {split: _arrays(cifar_input.load_split("digits", split)[0])
@@ -128,8 +105,8 @@ def test_build_dataset_digits_batches():
         cifar_input.build_dataset("digits", "train", 0)
 
 
-def test_loads_a_tfds_copy_from_data_dir(tmp_path):
-    arrays = _store_tiny_cifar10(tmp_path, num_train=32, num_test=8)
+def test_loads_a_tfds_copy_from_data_dir(tmp_path, tiny_cifar10_writer):
+    arrays = tiny_cifar10_writer(tmp_path, num_train=32, num_test=8)
     dataset, n = cifar_input.load_split("cifar10", "train", data_dir=str(tmp_path),
                                         download=False)
     images, labels = _arrays(dataset)

@@ -23,30 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TRAIN, TINY_TEST = 32, 8
 
 
-def _store_tiny_cifar10(data_dir, num_train=TINY_TRAIN, num_test=TINY_TEST):
-    """A real-format TFDS `cifar10` copy (same name, version and features) in data_dir."""
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    rng = np.random.RandomState(0)
-
-    def split(n):
-        return tf.data.Dataset.from_tensor_slices({
-            "id": [f"x{i}" for i in range(n)],
-            "image": rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8),
-            "label": rng.randint(0, 10, n).astype(np.int64)})
-
-    features = tfds.features.FeaturesDict({
-        "id": tfds.features.Text(),
-        "image": tfds.features.Image(shape=(32, 32, 3)),
-        "label": tfds.features.ClassLabel(num_classes=10)})
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name="cifar10", version="3.0.2", features=features, data_dir=str(data_dir),
-        split_datasets={"train": split(num_train), "test": split(num_test)})
-
-
 @pytest.fixture(scope="module")
-def tiny_cifar10(tmp_path_factory):
+def tiny_cifar10(tmp_path_factory, tiny_cifar10_writer):
     data_dir = tmp_path_factory.mktemp("tfds")
-    _store_tiny_cifar10(data_dir)
+    tiny_cifar10_writer(data_dir, num_train=TINY_TRAIN, num_test=TINY_TEST)
     return str(data_dir)
 
 
