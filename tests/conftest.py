@@ -6,15 +6,16 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
-import tensorflow as tf  # pylint: disable=wrong-import-position
 
 
 def store_tiny_cifar10(data_dir, num_train=32, num_test=8, seed=0):
     """Writes a real-format TFDS cifar10 copy (same name, version and features)
     to data_dir, so tests go through the real loading code offline; returns
     the {split: (images, labels)} it wrote."""
+    # Imported here: the pytest controller process need not load TensorFlow.
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
     rng = np.random.RandomState(seed)
     arrays = {}
