@@ -413,9 +413,11 @@ def _clip_matrices(matrices, max_norm):
     which unlike complex SVD has GPU kernels. `max_norm` broadcasts against
     the batch shape `matrices.shape[:-2]`.
 
-    Up to `_GRAM_BOUNDS_MAX_SIZE`, matrices whose Gram-iteration upper bound
-    is already within the bound are left as they are, without a
-    decomposition.
+    Matrices whose Gram matrix has Frobenius norm (an upper bound on the
+    squared spectral norm) within max_norm^2 are left as they are, without a
+    decomposition. The tighter Gram-iteration bounds cost more than they
+    save here: most frequencies of a kernel being projected sit at or above
+    the bound (on ResNet-32, 305 ms with them, 267 ms without).
     """
     rows, cols = matrices.shape[-2:]
     real_dtype = matrices.dtype.real_dtype
@@ -429,12 +431,8 @@ def _clip_matrices(matrices, max_norm):
     flat = tf.reshape(matrices, (-1, rows, cols))
     bound = tf.reshape(max_norm, [-1])
     gram = _gram(flat)
-    if min(rows, cols) <= _GRAM_BOUNDS_MAX_SIZE:
-        upper, _ = _eigenvalue_bounds(gram)
-        slack = _BOUND_SLACK[real_dtype]
-        over = tf.where(upper > tf.square(bound) * (1 - slack))
-    else:  # the bounds would cost more than the decompositions they save
-        over = tf.where(tf.ones_like(bound, tf.bool))
+    frobenius = tf.sqrt(tf.reduce_sum(tf.math.square(tf.abs(gram)), axis=[-2, -1]))
+    over = tf.where(frobenius > tf.square(bound) * (1 - _BOUND_SLACK[real_dtype]))
     bound = tf.gather_nd(bound, over)[:, None]
     eigenvalues, vectors = tf.linalg.eigh(tf.gather_nd(gram, over))
     sigma = tf.sqrt(tf.maximum(tf.math.real(eigenvalues), 0.0))
