@@ -356,9 +356,9 @@ def _eigenvalue_bounds(gram):
     return upper, trace * tf.math.real(quotient)
 
 
-def _max_abs(x):
-    """max |x|, or 1 for an all-zero x: a scale that keeps squares in range."""
-    scale = tf.reduce_max(tf.abs(x))
+def _safe_scale(scale):
+    """Per-operator max |entry| as a divisor that keeps squares in range: 1
+    where an operator is all zeros."""
     return tf.where(scale > 0, scale, tf.ones_like(scale))
 
 
@@ -387,7 +387,7 @@ def _largest_singular_values(matrices, count):
     # overflow (or underflow) in complex64.
     scale = tf.math.unsorted_segment_max(tf.reduce_max(tf.abs(matrices), axis=[-2, -1]),
                                          segment, count)
-    scale = tf.stop_gradient(tf.where(scale > 0, scale, tf.ones_like(scale)))
+    scale = tf.stop_gradient(_safe_scale(scale))
     scaled = matrices / tf.cast(tf.gather(scale, segment), matrices.dtype)[:, None, None]
     if min(rows, cols) <= _GRAM_BOUNDS_MAX_SIZE:
         upper, lower = _eigenvalue_bounds(_gram(scaled))
@@ -690,7 +690,7 @@ def clip_conv_singular_values_batch(kernels, input_shape, max_norm, strides=1, d
     # kernel would overflow.
     original = tf.cast(stacked, real_dtype)
     scale = tf.reduce_max(tf.abs(tf.reshape(original, (-1, count, c_out))), axis=[0, 2])
-    scale = tf.where(scale > 0, scale, tf.ones_like(scale))
+    scale = _safe_scale(scale)
     work = original / per_channel(scale)
     bound = tf.cast(max_norm, real_dtype) / scale                      # (count,)
     matrix_bound = tf.repeat(bound, groups_per_kernel)[None, :]        # (1, count * groups)
