@@ -306,6 +306,12 @@ def _inverse(matrices, geometry, real_dtype):
 # Per-matrix linear algebra.
 
 
+def _frobenius(x, axis=(-2, -1)):
+    """sqrt(sum |x|^2) over `axis`: the one singular value of a row or column,
+    and for a Gram matrix an upper bound on its largest eigenvalue."""
+    return tf.sqrt(tf.reduce_sum(tf.math.square(tf.abs(x)), axis=axis))
+
+
 def _gram(matrices):
     """The smaller Gram matrix, P P^H or P^H P."""
     rows, cols = matrices.shape[-2:]
@@ -319,7 +325,7 @@ def _matrix_singular_values(matrices, use_svd):
     matrices = tf.cast(matrices, tf.complex128)
     if min(rows, cols) == 1:
         axis = -1 if rows == 1 else -2
-        return tf.sqrt(tf.reduce_sum(tf.math.square(tf.abs(matrices)), axis=axis))
+        return _frobenius(matrices, axis)
     if use_svd:
         return tf.reverse(tf.linalg.svd(matrices, compute_uv=False), axis=[-1])
     eigenvalues = tf.math.real(tf.linalg.eigvalsh(_gram(matrices)))
@@ -424,15 +430,14 @@ def _clip_matrices(matrices, max_norm):
     max_norm = tf.broadcast_to(tf.cast(max_norm, real_dtype), tf.shape(matrices)[:-2])
     if min(rows, cols) == 1:
         # A row or column: its Frobenius norm is its only singular value.
-        sigma = tf.sqrt(tf.reduce_sum(tf.math.square(tf.abs(matrices)), axis=[-2, -1]))
+        sigma = _frobenius(matrices)
         scale = tf.minimum(1.0, max_norm / tf.maximum(sigma, _tiny(real_dtype)))
         return matrices * tf.cast(scale, matrices.dtype)[..., None, None]
     shape = tf.shape(matrices)
     flat = tf.reshape(matrices, (-1, rows, cols))
     bound = tf.reshape(max_norm, [-1])
     gram = _gram(flat)
-    frobenius = tf.sqrt(tf.reduce_sum(tf.math.square(tf.abs(gram)), axis=[-2, -1]))
-    over = tf.where(frobenius > tf.square(bound) * (1 - _BOUND_SLACK[real_dtype]))
+    over = tf.where(_frobenius(gram) > tf.square(bound) * (1 - _BOUND_SLACK[real_dtype]))
     bound = tf.gather_nd(bound, over)[:, None]
     eigenvalues, vectors = tf.linalg.eigh(tf.gather_nd(gram, over))
     sigma = tf.sqrt(tf.maximum(tf.math.real(eigenvalues), 0.0))
