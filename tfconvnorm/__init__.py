@@ -16,6 +16,9 @@ from tfconvnorm.spectral import (
     conv_singular_values,
     conv_singular_values_batch,
     conv_transfer_matrices,
+    conv_singular_values_many,
+    conv_operator_norm_many,
+    clip_conv_singular_values_many,
 )
 from tfconvnorm.geometry import (
     ALL_KINDS,

@@ -250,7 +250,8 @@ class OperatorNormRegularizer(keras.regularizers.Regularizer):
 
     def __call__(self, x):
         norm, dtype = _operator_norm(self._geometry, x)
-        penalty = self.weight * tf.nn.relu(norm - tf.cast(self.threshold, norm.dtype))
+        penalty = self.weight * tf.nn.relu(
+            norm - tf.cast(tf.constant(self.threshold, tf.float64), norm.dtype))
         return tf.cast(penalty, dtype)
 
     def get_config(self):

@@ -56,6 +56,9 @@ __all__ = [
     "conv_singular_values_batch",
     "conv_operator_norm_batch",
     "clip_conv_singular_values_batch",
+    "conv_singular_values_many",
+    "conv_operator_norm_many",
+    "clip_conv_singular_values_many",
 ]
 
 #: Projection methods accepted by `clip_conv_singular_values`.
@@ -76,9 +79,24 @@ DEFAULT_EXACT_TOLERANCE = 1e-7
 _GRAM_CONDITION_THRESHOLD = 1e-8
 
 #: Squarings of the Gram matrix behind the cheap per-frequency bounds that
-#: pick the candidates for the largest singular value; the upper bound is
-#: within a factor size^(1/2^j) of the truth.
-_GRAM_SQUARINGS = 3
+#: pick the candidates for the largest singular value, by matrix size
+#: (size limit, squarings, first squaring after which to prune). After j
+#: squarings the upper bound is within a factor size^(1/2^j) of the truth:
+#: too loose to prune anything before the first pruning stage (measured on
+#: ResNet-32: 64x64 matrices, 98% survive 2 squarings, 15% survive 3), and
+#: the exact complex128 decomposition of each remaining candidate costs more
+#: than the last squarings of the few survivors (64x64: 46 candidates after 3
+#: squarings, 11 ms of eigvalsh; 10 after 5).
+_GRAM_SQUARINGS = ((16, 3, 1), (32, 4, 2), (None, 5, 3))
+#: Largest (frequencies * phases * taps) for which the per-axis DFT factors
+#: are combined into one matrix (`_combined_factors`, 2 * 8 bytes per entry
+#: in float64); beyond it, one contraction per axis.
+_COMBINED_FACTOR_MAX_ENTRIES = 1 << 21
+#: Squarings between renormalisations of the powers: with trace 1, the top
+#: eigenvalue is >= 1/size (>= 1/64 where bounds are used), and after 3
+#: squarings its square (64^-16, in the Frobenius norm) is still above
+#: float32's smallest normal number.
+_RENORMALISE_EVERY = {tf.float32: 3, tf.float64: 6}
 #: Relative rounding allowance on those bounds, so that no candidate is lost.
 _BOUND_SLACK = {tf.float32: 1e-4, tf.float64: 1e-10}
 #: Above this matrix size the squarings cost more than a working-precision
@@ -174,10 +192,11 @@ class _Geometry:
         # Conjugate symmetry halves one non-constant axis.
         varying = [axis for axis in range(rank) if not constant[axis]]
         half_axis = varying[-1] if varying else None
-        self.factors = [
-            _axis_factors(k, n, s, r, half=(axis == half_axis), constant=constant[axis])
+        keys = tuple(
+            (k, n, s, r, axis == half_axis, constant[axis])
             for axis, (k, n, s, r) in enumerate(
-                zip(self.kernel_size, self.input_shape, self.strides, self.dilation_rate))]
+                zip(self.kernel_size, self.input_shape, self.strides, self.dilation_rate)))
+        self.factors = [_axis_factors(*key) for key in keys]
         self.folded = any(f.folded for f in self.factors)
         self.freq_shape = tuple(f.forward.shape[0] for f in self.factors)
         self.num_frequencies = int(np.prod(self.freq_shape, dtype=np.int64))
@@ -186,6 +205,13 @@ class _Geometry:
             weights = np.multiply.outer(weights, f.weights)
         #: How many of the full spectrum's frequencies each computed one stands for.
         self.weights = weights.reshape(-1)
+        self.taps = int(np.prod(self.kernel_size, dtype=np.int64))
+        #: All axes' factors as one (frequencies, phases, taps) pair, or None
+        #: where that would be too big (large 3-D inputs).
+        self.combined = (
+            _combined_factors(keys)
+            if self.num_frequencies * self.phases * self.taps <= _COMBINED_FACTOR_MAX_ENTRIES
+            else None)
 
 
 class _AxisFactors:
@@ -223,6 +249,31 @@ def _axis_factors(k, n, s, r, half, constant):
     return _AxisFactors(forward, inverse, weights.astype(np.int64), bool(multiplicity.max() > 1))
 
 
+@functools.lru_cache(maxsize=256)
+def _combined_factors(keys):
+    """The per-axis factors of `keys` (one `_axis_factors` key per axis) as one
+    transform: (forward, inverse), real arrays of shapes (2 * F * P, taps) and
+    (taps, 2 * F * P), F frequencies and P phases in row-major axis order.
+
+    Real and imaginary parts are stacked so that a single real matmul does a
+    whole transform: one op instead of a few dozen, which on small kernels
+    is most of the cost (ResNet-32: 33 ms -> see BENCHMARKS.md).
+    """
+    forward, inverse = np.ones((1, 1, 1)), np.ones((1, 1, 1))
+    for key in keys:
+        f = _axis_factors(*key)
+        def outer(a, b):
+            (w, s, k), (x, t, l) = a.shape, b.shape
+            return np.einsum("ask,btl->abstkl", a, b).reshape(w * x, s * t, k * l)
+        forward, inverse = outer(forward, f.forward), outer(inverse, f.inverse)
+    taps = forward.shape[-1]
+    forward = forward.reshape(-1, taps)
+    inverse = inverse.reshape(-1, taps).T
+    # Re(inverse @ M) = inverse.real @ M.real - inverse.imag @ M.imag.
+    return (np.concatenate([forward.real, forward.imag], axis=0),
+            np.concatenate([inverse.real, -inverse.imag], axis=1))
+
+
 def _tiny(dtype):
     return tf.constant(np.finfo(dtype.as_numpy_dtype).tiny, dtype)
 
@@ -250,46 +301,76 @@ def _work_dtypes(dtype):
 # Kernel <-> per-frequency matrices.
 
 
+# Internally every per-frequency matrix is stored transposed, P(w)^T, of shape
+# (phases * c_in / groups, c_out / groups): that is the order in which the
+# kernel's own axes come out of the transform, so no transpose pass over the
+# batch is needed (for groups == 1), and the singular values, the Gram
+# eigenvalues and the clipping are the same for P^T as for P.
+
+
 def _forward(kernel, geometry, complex_dtype):
-    """Per-frequency matrices, shape (frequencies, groups, rows, cols).
+    """Per-frequency matrices P(w)^T, shape (frequencies, groups, cols, rows)."""
+    return tf.complex(*_forward_parts(kernel, geometry, complex_dtype.real_dtype))
+
+
+def _forward_parts(kernel, geometry, real_dtype):
+    """Real and imaginary parts of `_forward`'s matrices.
 
     Works on real and imaginary parts separately: a real kernel needs half
-    the products, and TF's complex128 tensordot is several times slower than
-    two float64 ones.
+    the products, TF's real matmuls are several times faster than complex
+    ones, and the operator norm goes on in real arithmetic (`_gram_parts`).
     """
     g = geometry
-    real_dtype = complex_dtype.real_dtype
+    shape = (g.num_frequencies, g.groups, g.cols, g.rows)
+    if g.combined is not None:
+        x = tf.reshape(tf.cast(kernel, real_dtype), (g.taps, g.c_in_group * g.c_out))
+        x = tf.matmul(tf.constant(g.combined[0], real_dtype), x)
+        x = tf.reshape(x, (2, g.num_frequencies, g.phases, g.c_in_group, g.groups,
+                           g.c_out_group))
+        if g.groups > 1:
+            x = tf.transpose(x, [0, 1, 4, 2, 3, 5])
+        x = tf.reshape(x, (2,) + shape)
+        return x[0], x[1]
     real = tf.reshape(tf.cast(kernel, real_dtype), g.kernel_size + (g.c_in_group * g.c_out,))
-    imag = None
+    imag = tf.zeros_like(real)
     for f in g.factors:
         # Contract the leading tap axis; (freq, phase) axes are appended.
         f_re = tf.constant(f.forward.real, real_dtype)
         f_im = tf.constant(f.forward.imag, real_dtype)
         dot = functools.partial(tf.tensordot, axes=[[0], [2]])
-        if imag is None:
-            real, imag = dot(real, f_re), dot(real, f_im)
-        else:
-            real, imag = dot(real, f_re) - dot(imag, f_im), dot(real, f_im) + dot(imag, f_re)
-    x = tf.complex(real, imag) if imag is not None else tf.cast(real, complex_dtype)
-    # x: (c_in_group * c_out, w_1, phase_1, ..., w_d, phase_d)
-    x = tf.reshape(x, (g.c_in_group, g.groups, g.c_out_group)
-                   + sum(((w, s) for w, s in zip(g.freq_shape, g.strides)), ()))
+        real, imag = dot(real, f_re) - dot(imag, f_im), dot(real, f_im) + dot(imag, f_re)
     d = g.rank
     freq_axes = [3 + 2 * j for j in range(d)]
     phase_axes = [4 + 2 * j for j in range(d)]
-    x = tf.transpose(x, freq_axes + [1, 2] + phase_axes + [0])
-    return tf.reshape(x, (g.num_frequencies, g.groups, g.rows, g.cols))
+
+    def arrange(x):  # (c_in_group * c_out, w_1, phase_1, ..., w_d, phase_d) -> matrices
+        x = tf.reshape(x, (g.c_in_group, g.groups, g.c_out_group)
+                       + sum(((w, s) for w, s in zip(g.freq_shape, g.strides)), ()))
+        x = tf.transpose(x, freq_axes + [1] + phase_axes + [0, 2])
+        return tf.reshape(x, shape)
+
+    return arrange(real), arrange(imag)
 
 
 def _inverse(matrices, geometry, real_dtype):
-    """Least-squares kernel (same support) of conjugate-symmetric per-frequency matrices."""
+    """Least-squares kernel (same support) of conjugate-symmetric per-frequency
+    matrices (in `_forward`'s layout)."""
     g = geometry
     complex_dtype = matrices.dtype
+    if g.combined is not None:
+        x = tf.reshape(matrices, (g.num_frequencies, g.groups, g.phases, g.c_in_group,
+                                  g.c_out_group))
+        if g.groups > 1:
+            x = tf.transpose(x, [0, 2, 3, 1, 4])
+        x = tf.reshape(x, (g.num_frequencies * g.phases, g.c_in_group * g.c_out))
+        x = tf.concat([tf.math.real(x), tf.math.imag(x)], axis=0)
+        x = tf.matmul(tf.constant(g.combined[1], x.dtype), x)
+        return tf.cast(tf.reshape(x, g.kernel_size + (g.c_in_group, g.c_out)), real_dtype)
     d = g.rank
-    x = tf.reshape(matrices, g.freq_shape + (g.groups, g.c_out_group) + g.strides
-                   + (g.c_in_group,))
+    x = tf.reshape(matrices, g.freq_shape + (g.groups,) + g.strides
+                   + (g.c_in_group, g.c_out_group))
     # -> (c_in_group, groups, c_out_group, w_1, phase_1, ..., w_d, phase_d)
-    perm = [2 * d + 2, d, d + 1] + sum(([j, d + 2 + j] for j in range(d)), [])
+    perm = [2 * d + 1, d, 2 * d + 2] + sum(([j, d + 1 + j] for j in range(d)), [])
     x = tf.transpose(x, perm)
     x = tf.reshape(x, (g.c_in_group * g.c_out,)
                    + sum(((w, s) for w, s in zip(g.freq_shape, g.strides)), ()))
@@ -312,11 +393,39 @@ def _frobenius(x, axis=(-2, -1)):
     return tf.sqrt(tf.reduce_sum(tf.math.square(tf.abs(x)), axis=axis))
 
 
+def _gram_parts(real, imag):
+    """Real and imaginary parts of the smaller Gram matrix of P = real + i imag:
+    P P^H or P^H P.
+
+    Four real matmuls instead of one complex one: TF's real kernels are
+    several times faster than its complex ones, and the transposes ride
+    inside the matmuls (no concat or transpose pass over the batch).
+    (Gauss's three-matmul trick measured no faster here.)
+    """
+    rows, cols = real.shape[-2:]
+    if rows <= cols:  # P P^H
+        mm = functools.partial(tf.matmul, transpose_b=True)
+        return mm(real, real) + mm(imag, imag), mm(imag, real) - mm(real, imag)
+    mm = functools.partial(tf.matmul, transpose_a=True)  # P^H P
+    return mm(real, real) + mm(imag, imag), mm(real, imag) - mm(imag, real)
+
+
+def _hermitian_square(real, imag):
+    """Parts of H^2 for Hermitian H = real + i imag."""
+    return (tf.matmul(real, real) - tf.matmul(imag, imag),
+            tf.matmul(real, imag) + tf.matmul(imag, real))
+
+
 def _gram(matrices):
-    """The smaller Gram matrix, P P^H or P^H P."""
-    rows, cols = matrices.shape[-2:]
-    return tf.matmul(matrices, matrices, adjoint_b=rows <= cols,
-                     adjoint_a=rows > cols)
+    """The smaller Gram matrix, P P^H or P^H P, as a complex tensor.
+
+    complex64 goes through `_gram_parts`; for complex128 TF's complex matmul
+    is as fast as four float64 ones (measured), and saves the splitting.
+    """
+    if matrices.dtype == tf.complex128:
+        rows, cols = matrices.shape[-2:]
+        return tf.matmul(matrices, matrices, adjoint_b=rows <= cols, adjoint_a=rows > cols)
+    return tf.complex(*_gram_parts(tf.math.real(matrices), tf.math.imag(matrices)))
 
 
 def _matrix_singular_values(matrices, use_svd):
@@ -339,78 +448,205 @@ def _matrix_singular_values(matrices, use_svd):
     return tf.tensor_scatter_nd_update(values, poor, redone)
 
 
-def _eigenvalue_bounds(gram):
-    """Cheap bounds on each Gram matrix's largest eigenvalue (Gram iteration).
-
-    With H the trace-normalised Gram matrix, lambda_max(H) <=
-    ||H^(2^j)||_F^(1/2^j) (within a factor size^(1/2^j)), and the Rayleigh
-    quotient of H at the largest-diagonal column of H^(2^j) is a lower bound.
-    Returns (upper, lower), each of shape (batch,), in the Gram's real dtype.
-    """
-    real_dtype = gram.dtype.real_dtype
-    trace = tf.math.real(tf.linalg.trace(gram))
-    normalised = gram / tf.cast(tf.maximum(trace, _tiny(real_dtype)), gram.dtype)[:, None, None]
-    power = normalised
-    for _ in range(_GRAM_SQUARINGS):
-        power = tf.matmul(power, power)
-    upper = trace * tf.norm(tf.abs(power), axis=[-2, -1]) ** (1.0 / 2 ** _GRAM_SQUARINGS)
-    column = tf.argmax(tf.math.real(tf.linalg.diag_part(power)), axis=-1)
-    vector = tf.gather(tf.linalg.matrix_transpose(power), column, batch_dims=1)
-    quotient = (tf.reduce_sum(tf.math.conj(vector) * tf.linalg.matvec(normalised, vector), -1)
-                / tf.cast(tf.maximum(tf.reduce_sum(tf.abs(vector) ** 2, -1), _tiny(real_dtype)),
-                          gram.dtype))
-    return upper, trace * tf.math.real(quotient)
-
-
 def _safe_scale(scale):
     """Per-operator max |entry| as a divisor that keeps squares in range: 1
     where an operator is all zeros."""
     return tf.where(scale > 0, scale, tf.ones_like(scale))
 
 
-def _largest_singular_values(matrices, count):
+def _top_eigenvalues(real, imag, indices):
+    """Exact largest eigenvalue of the Gram matrix of each matrix `indices`
+    points at, in complex128 (differentiable)."""
+    chosen = tf.complex(tf.cast(tf.gather(real, indices), tf.float64),
+                        tf.cast(tf.gather(imag, indices), tf.float64))
+    return tf.math.real(tf.linalg.eigvalsh(_gram(chosen)))[:, -1]
+
+
+def _largest_singular_values(real, imag, segment, count):
     """The largest singular value of each of `count` operators, exactly.
 
-    `matrices` has shape (frequencies, count * groups, rows, cols): operator
-    b owns groups [b * groups, (b + 1) * groups). Decomposing every frequency
-    is wasteful when only the maximum matters: a matrix whose upper bound
-    (`_eigenvalue_bounds`) stays below the best lower bound of its operator
-    cannot hold that operator's maximum, so only the others (usually one or
-    two per operator) get an exact eigendecomposition, in complex128.
-    Gradients flow through that decomposition.
+    `real` and `imag` (the parts of the matrices) have shape (batch, rows,
+    cols); matrix j belongs to operator `segment[j]`. Entries must be of
+    moderate size (the callers scale kernels to max |entry| 1): Gram
+    matrices are formed in the working precision.
+
+    Decomposing every frequency is wasteful when only the maximum matters.
+    Gram iteration gives upper bounds U_j = tr(G) ||(G / tr G)^(2^j)||_F^(1/2^j)
+    on each matrix's largest eigenvalue, within a factor size^(1/2^j) of it.
+    Per operator, the matrix with the largest U_1 is decomposed exactly:
+    its top eigenvalue L is a lower bound on the operator's. Matrices with
+    U_j < L cannot hold the maximum and drop out before the next squaring
+    (on ResNet-32 about 60% after one squaring, 95% after two), and the few
+    left after the last squaring are decomposed exactly, in complex128.
+    Gradients flow through those decompositions.
     """
-    rows, cols = matrices.shape[-2:]
-    frequencies, batch = matrices.shape[0], matrices.shape[1]
-    per_operator = frequencies * (batch // count)
-    matrices = tf.reshape(matrices, (frequencies, count, batch // count, rows, cols))
-    matrices = tf.reshape(tf.transpose(matrices, [1, 0, 2, 3, 4]), (-1, rows, cols))
-    segment = tf.repeat(tf.range(count), per_operator)
-    real_dtype = matrices.dtype.real_dtype
+    rows, cols = real.shape[-2:]
+    dtype = real.dtype
     if min(rows, cols) == 1:
-        values = _matrix_singular_values(matrices, use_svd=False)[:, 0]
-        return tf.cast(tf.math.unsorted_segment_max(values, segment, count), real_dtype)
-    # Each operator scaled by its largest entry, so that squaring cannot
-    # overflow (or underflow) in complex64.
-    scale = tf.math.unsorted_segment_max(tf.reduce_max(tf.abs(matrices), axis=[-2, -1]),
-                                         segment, count)
-    scale = tf.stop_gradient(_safe_scale(scale))
-    scaled = matrices / tf.cast(tf.gather(scale, segment), matrices.dtype)[:, None, None]
-    if min(rows, cols) <= _GRAM_BOUNDS_MAX_SIZE:
-        upper, lower = _eigenvalue_bounds(_gram(scaled))
-        slack = _BOUND_SLACK[real_dtype]
-    else:
+        values = tf.sqrt(tf.reduce_sum(tf.square(real) + tf.square(imag), axis=[-2, -1]))
+        return tf.math.unsorted_segment_max(values, segment, count)
+    gram_real, gram_imag = _gram_parts(real, imag)
+    if min(rows, cols) > _GRAM_BOUNDS_MAX_SIZE:
         # Squarings cost more than eigvalsh itself at this size: screen with
         # eigvalsh in the working precision (complex64 for float32 kernels,
         # 2x faster, its largest eigenvalue good to ~size * eps), then redo
         # the contenders in complex128.
-        upper = lower = tf.math.real(tf.linalg.eigvalsh(_gram(scaled)))[:, -1]
-        slack = _SCREEN_SLACK[real_dtype]
-    best_lower = tf.math.unsorted_segment_max(lower, segment, count)
-    candidates = tf.where(upper >= tf.gather(best_lower, segment) * (1 - slack))[:, 0]
-    chosen = tf.cast(tf.gather(matrices, candidates), tf.complex128)
-    top = tf.math.real(tf.linalg.eigvalsh(_gram(chosen)))[:, -1]
-    top = tf.math.unsorted_segment_max(top, tf.gather(segment, candidates), count)
-    return tf.cast(tf.sqrt(tf.maximum(top, 0.0)), real_dtype)
+        screen = tf.math.real(tf.linalg.eigvalsh(tf.complex(gram_real, gram_imag)))[:, -1]
+        best = tf.math.unsorted_segment_max(screen, segment, count)
+        candidates = tf.where(screen >= tf.gather(best, segment) * (1 - _SCREEN_SLACK[dtype]))
+        candidates = candidates[:, 0]
+        top = tf.math.unsorted_segment_max(_top_eigenvalues(real, imag, candidates),
+                                           tf.gather(segment, candidates), count)
+        return tf.cast(tf.sqrt(tf.maximum(top, 0.0)), dtype)
+
+    slack = _BOUND_SLACK[dtype]
+    size = min(rows, cols)
+    squarings, first_stage = next((j, first) for limit, j, first in _GRAM_SQUARINGS
+                                  if limit is None or size <= limit)
+    trace = tf.linalg.trace(gram_real)
+    index = tf.range(tf.shape(real, out_type=tf.int64)[0])   # surviving matrices
+    # A first lower bound: the exact top eigenvalue of each operator's
+    # largest-trace matrix (often the maximum itself; a handful of small
+    # decompositions that run beside the first squaring).
+    largest_trace = tf.math.unsorted_segment_max(trace, segment, count)
+    picked = tf.where(trace >= tf.gather(largest_trace, segment))[:, 0]
+    lower = tf.math.unsorted_segment_max(_top_eigenvalues(real, imag, picked),
+                                         tf.gather(segment, picked), count)
+    # P_j = G^(2^j) / exp(log_scale_j), normalised to trace 1 at the start and
+    # every few squarings so that nothing over- or underflows (the largest
+    # eigenvalue of a trace-1 matrix of size n is at least 1/n).
+    renormalise_every = _RENORMALISE_EVERY[dtype]
+    power_real, power_imag, log_scale = gram_real, gram_imag, tf.zeros_like(trace, tf.float64)
+    for j in range(1, squarings + 1):
+        if (j - 1) % renormalise_every == 0:
+            norm = tf.maximum(tf.linalg.trace(power_real), _tiny(dtype))[:, None, None]
+            power_real, power_imag = power_real / norm, power_imag / norm
+            log_scale = log_scale + tf.math.log(tf.cast(norm[:, 0, 0], tf.float64))
+        power_real, power_imag = _hermitian_square(power_real, power_imag)
+        log_scale = 2 * log_scale
+        if j < first_stage:
+            continue  # bounds this loose would prune (almost) nothing
+        # |entry|^2 summed per column: the diagonal of P_j^2.
+        column_squares = tf.reduce_sum(tf.square(power_real) + tf.square(power_imag), axis=-2)
+        frobenius_squared = tf.reduce_sum(column_squares, -1)
+        # Rayleigh quotient of P_j at w = P_(j-1) e_k:
+        # w^H P_j w / w^H w = (P_j^2)_kk / (P_j)_kk, at the best k. No matvec.
+        diagonal = tf.linalg.diag_part(power_real)
+        rayleigh = tf.reduce_max(
+            tf.where(diagonal > 0, column_squares / tf.maximum(diagonal, _tiny(dtype)), 0.0), -1)
+
+        def root(x, j=j):  # the lambda_max(G) bound from a bound on lambda_max(P_j)
+            return tf.exp((log_scale + tf.math.log(tf.cast(x, tf.float64))) / 2 ** j)
+
+        upper = root(tf.sqrt(frobenius_squared))
+        survivor_segment = tf.gather(segment, index)
+        lower = tf.maximum(lower, tf.math.unsorted_segment_max(
+            root(tf.maximum(rayleigh, _tiny(dtype))), survivor_segment, count))
+        keep = tf.where(tf.logical_and(
+            upper >= tf.gather(lower, survivor_segment) * (1 - slack),
+            frobenius_squared > 0))[:, 0]
+        index = tf.gather(index, keep)
+        if j < squarings:
+            power_real, power_imag = tf.gather(power_real, keep), tf.gather(power_imag, keep)
+            log_scale = tf.gather(log_scale, keep)
+    top = tf.math.unsorted_segment_max(_top_eigenvalues(real, imag, index),
+                                       tf.gather(segment, index), count)
+    return tf.cast(tf.sqrt(tf.maximum(top, 0.0)), dtype)
+
+
+# ---------------------------------------------------------------------------
+# Pooling: one decomposition call per matrix shape, however many layers.
+#
+# Per-frequency matrices of different layers (and different geometries)
+# that share (rows, cols, dtype) are concatenated along the batch axis and
+# decomposed by one op; on a network of small layers, op launches otherwise
+# cost more than the arithmetic.
+
+
+def _pools(items):
+    """Index lists of `items` (tensors (..., rows, cols)) that share rows, cols, dtype."""
+    pools = {}
+    for index, item in enumerate(items):
+        pools.setdefault((int(item.shape[-2]), int(item.shape[-1]), item.dtype), []).append(index)
+    return list(pools.values())
+
+
+def _concat(tensors):
+    return tensors[0] if len(tensors) == 1 else tf.concat(tensors, axis=0)
+
+
+def _split(tensor, sizes):
+    return [tensor] if len(sizes) == 1 else tf.split(tensor, sizes)
+
+
+def _flat(matrices):
+    return tf.reshape(matrices, (-1,) + tuple(matrices.shape[-2:]))
+
+
+def _largest_singular_values_pooled(entries):
+    """`_largest_singular_values` of [((real, imag), count)], parts of shape
+    (freqs, count * groups, rows, cols): one (count,) tensor per entry
+    (column block b of an entry is operator b)."""
+    results = [None] * len(entries)
+    for pool in _pools([parts[0] for parts, _ in entries]):
+        segments, offset = [], 0
+        for index in pool:
+            (real, _), count = entries[index]
+            frequencies, batch = real.shape[:2]
+            segments.append(np.tile(np.repeat(np.arange(count), batch // count), frequencies)
+                            + offset)
+            offset += count
+        values = _largest_singular_values(
+            _concat([_flat(entries[index][0][0]) for index in pool]),
+            _concat([_flat(entries[index][0][1]) for index in pool]),
+            tf.constant(np.concatenate(segments), tf.int32), offset)
+        for index, value in zip(pool, _split(values, [entries[i][1] for i in pool])):
+            results[index] = value
+    return results
+
+
+def _clip_matrices_pooled(entries):
+    """`_clip_matrices` of [(matrices (freqs, batch, rows, cols), bound broadcastable to
+    (freqs, batch))]: the clipped matrices, entry by entry."""
+    results = [None] * len(entries)
+    for pool in _pools([matrices for matrices, _ in entries]):
+        shapes = [entries[index][0].shape for index in pool]
+        flat = _concat([_flat(entries[index][0]) for index in pool])
+        bound = _concat([tf.reshape(tf.broadcast_to(tf.cast(bound, matrices.dtype.real_dtype),
+                                                    matrices.shape[:2]), [-1])
+                         for matrices, bound in (entries[index] for index in pool)])
+        clipped = _clip_matrices(flat, bound)
+        sizes = [int(np.prod(shape[:2])) for shape in shapes]
+        for index, shape, part in zip(pool, shapes, _split(clipped, sizes)):
+            results[index] = tf.reshape(part, shape)
+    return results
+
+
+def _singular_values_pooled(entries):
+    """`_matrix_singular_values` of [(matrices (freqs, batch, rows, cols), use_svd)]:
+    one (freqs, batch, k) float64 tensor per entry."""
+    results = [None] * len(entries)
+    keys = [(tuple(m.shape[-2:]), m.dtype, use_svd) for m, use_svd in entries]
+    pools = {}
+    for index, key in enumerate(keys):
+        pools.setdefault(key, []).append(index)
+    for (_, _, use_svd), pool in pools.items():
+        shapes = [entries[index][0].shape for index in pool]
+        values = _matrix_singular_values(
+            _concat([_flat(entries[index][0]) for index in pool]), use_svd=use_svd)
+        sizes = [int(np.prod(shape[:2])) for shape in shapes]
+        for index, shape, part in zip(pool, shapes, _split(values, sizes)):
+            results[index] = tf.reshape(part, tuple(shape[:2]) + (-1,))
+    return results
+
+
+def _complex_matmul_parts(a_real, a_imag, b_real, b_imag, transpose_b=False):
+    """Parts of A B (or A B^H with transpose_b) in four real matmuls: TF's
+    complex64 matmul is 2-3x slower than that on small batched matrices."""
+    mm = functools.partial(tf.matmul, transpose_b=transpose_b)
+    sign = -1.0 if transpose_b else 1.0  # B^H = B_r^T - i B_i^T
+    return (mm(a_real, b_real) - sign * mm(a_imag, b_imag),
+            sign * mm(a_real, b_imag) + mm(a_imag, b_real))
 
 
 def _clip_matrices(matrices, max_norm):
@@ -420,10 +656,12 @@ def _clip_matrices(matrices, max_norm):
     the batch shape `matrices.shape[:-2]`.
 
     Matrices whose Gram matrix has Frobenius norm (an upper bound on the
-    squared spectral norm) within max_norm^2 are left as they are, without a
-    decomposition. The tighter Gram-iteration bounds cost more than they
-    save here: most frequencies of a kernel being projected sit at or above
-    the bound (on ResNet-32, 305 ms with them, 267 ms without).
+    squared spectral norm) within max_norm^2 are left as they are: when
+    most are, only the others are gathered and decomposed; when most are
+    not (ResNet-32 at He initialisation and bound 1: none is), every matrix
+    is decomposed in place, which saves the gather and the scatter (those
+    cost ~15% of the projection). Tighter Gram-iteration bounds cost more
+    than they save here.
     """
     rows, cols = matrices.shape[-2:]
     real_dtype = matrices.dtype.real_dtype
@@ -436,19 +674,40 @@ def _clip_matrices(matrices, max_norm):
     shape = tf.shape(matrices)
     flat = tf.reshape(matrices, (-1, rows, cols))
     bound = tf.reshape(max_norm, [-1])
-    gram = _gram(flat)
-    over = tf.where(_frobenius(gram) > tf.square(bound) * (1 - _BOUND_SLACK[real_dtype]))
-    bound = tf.gather_nd(bound, over)[:, None]
-    eigenvalues, vectors = tf.linalg.eigh(tf.gather_nd(gram, over))
-    sigma = tf.sqrt(tf.maximum(tf.math.real(eigenvalues), 0.0))
-    # Scale factor 1 for every singular value already below the bound (and
-    # for zero ones); max_norm / sigma above it.
-    factor = tf.where(sigma > bound, bound / tf.maximum(sigma, bound), 1.0)
-    shrink = tf.matmul(vectors * tf.cast(factor, matrices.dtype)[..., None, :], vectors,
-                       adjoint_b=True)
-    chosen = tf.gather_nd(flat, over)
-    clipped = tf.matmul(shrink, chosen) if rows <= cols else tf.matmul(chosen, shrink)
-    return tf.reshape(tf.tensor_scatter_nd_update(flat, over, clipped), shape)
+    real, imag = tf.math.real(flat), tf.math.imag(flat)
+    gram_real, gram_imag = _gram_parts(real, imag)
+
+    def clip(real, imag, gram_real, gram_imag, bound):
+        eigenvalues, vectors = tf.linalg.eigh(tf.complex(gram_real, gram_imag))
+        sigma = tf.sqrt(tf.maximum(tf.math.real(eigenvalues), 0.0))
+        # Scale factor 1 for every singular value already below the bound
+        # (and for zero ones); max_norm / sigma above it.
+        bound = bound[:, None]
+        factor = tf.where(sigma > bound, bound / tf.maximum(sigma, bound), 1.0)[:, None, :]
+        v_real, v_imag = tf.math.real(vectors), tf.math.imag(vectors)
+        # shrink = V diag(factor) V^H, then shrink A (or A shrink).
+        shrink = _complex_matmul_parts(v_real * factor, v_imag * factor, v_real, v_imag,
+                                       transpose_b=True)
+        return (_complex_matmul_parts(*shrink, real, imag) if rows <= cols
+                else _complex_matmul_parts(real, imag, *shrink))
+
+    gram_frobenius = tf.sqrt(tf.reduce_sum(tf.square(gram_real) + tf.square(gram_imag),
+                                           axis=[-2, -1]))
+    over = gram_frobenius > tf.square(bound) * (1 - _BOUND_SLACK[real_dtype])
+
+    def all_matrices():
+        return clip(real, imag, gram_real, gram_imag, bound)
+
+    def only_those_over():
+        index = tf.where(over)
+        pick = functools.partial(tf.gather_nd, indices=index)
+        clipped = clip(pick(real), pick(imag), pick(gram_real), pick(gram_imag), pick(bound))
+        return (tf.tensor_scatter_nd_update(real, index, clipped[0]),
+                tf.tensor_scatter_nd_update(imag, index, clipped[1]))
+
+    count_over = tf.reduce_sum(tf.cast(over, tf.int32))
+    clipped = tf.cond(2 * count_over > tf.size(over), all_matrices, only_those_over)
+    return tf.reshape(tf.complex(*clipped), shape)
 
 
 # ---------------------------------------------------------------------------
@@ -476,44 +735,121 @@ def conv_transfer_matrices(kernel, input_shape, strides=1, dilation_rate=1, grou
     kernel = _prepare_kernel(kernel)
     geometry = _Geometry(kernel.shape, input_shape, strides, dilation_rate, groups)
     _, complex_dtype = _work_dtypes(kernel.dtype)
-    return _forward(kernel, geometry, complex_dtype), tf.constant(geometry.weights)
+    # Stored transposed (see `_forward`); returned as P(w).
+    return (tf.linalg.matrix_transpose(_forward(kernel, geometry, complex_dtype)),
+            tf.constant(geometry.weights))
 
 
-def _stack(kernels, input_shape, strides, dilation_rate, groups):
-    """Kernels of one shape, concatenated along c_out.
+_GEOMETRY_KEYS = ("input_shape", "strides", "dilation_rate", "groups")
+
+
+class _Stack:
+    """Kernels of one shape, dtype and geometry, concatenated along c_out.
 
     Several same-geometry kernels side by side are one grouped convolution
     with `groups * count` groups: its operator is block diagonal over them,
     so one pass over the stacked kernel does every kernel's work with a
-    fraction of the op launches. Returns (stacked, count, geometry of the
-    stack).
+    fraction of the op launches. `indices` are the kernels' positions in the
+    caller's list.
     """
+
+    def __init__(self, indices, kernels, geometry):
+        self.indices = indices
+        self.count = len(kernels)
+        self.c_out = int(kernels[0].shape[-1])
+        self.stacked = tf.concat(kernels, axis=-1) if len(kernels) > 1 else kernels[0]
+        self.out_dtype = self.stacked.dtype
+        self.real_dtype, self.complex_dtype = _work_dtypes(self.out_dtype)
+        self.geometry = _Geometry(self.stacked.shape, geometry.input_shape, geometry.strides,
+                                  geometry.dilation_rate, geometry.groups * len(kernels))
+        self.groups_per_kernel = geometry.groups
+
+    def forward(self, stacked):
+        return _forward(stacked, self.geometry, self.complex_dtype)
+
+    def per_channel(self, values):
+        """(count,) -> broadcastable over the stacked kernel's last axis."""
+        return tf.repeat(values, self.c_out)
+
+    def unstack(self, stacked):
+        """(*shape[:-1], count * c_out) -> [count kernels of shape (*shape[:-1], c_out)]."""
+        return [stacked] if self.count == 1 else tf.split(stacked, self.count, axis=-1)
+
+
+def _geometry_kwargs(geometry, index):
+    """A `geometries` entry as keyword arguments of `_Geometry`."""
+    if hasattr(geometry, "spectral_kwargs"):
+        geometry = geometry.spectral_kwargs()
+    if not isinstance(geometry, dict) or "input_shape" not in geometry \
+            or set(geometry) - set(_GEOMETRY_KEYS):
+        raise ValueError(
+            f"geometries[{index}] must be a dict with key 'input_shape' and optionally "
+            f"'strides', 'dilation_rate', 'groups' (the keyword arguments of "
+            f"conv_singular_values), got geometries[{index}]={geometry!r}")
+    return dict(dict(strides=1, dilation_rate=1, groups=1), **geometry)
+
+
+def _plan(kernels, geometries):
+    """Validate `kernels` / `geometries` and stack the kernels that share shape,
+    dtype and geometry. Returns (number of kernels, [_Stack])."""
+    for name, value in (("kernels", kernels), ("geometries", geometries)):
+        if tf.is_tensor(value) or isinstance(value, (np.ndarray, dict, str)):
+            raise TypeError(f"{name} must be a list (one entry per kernel), got a "
+                            f"{type(value).__name__}")
+    kernels, geometries = list(kernels), list(geometries)
+    if not kernels:
+        raise ValueError("kernels is empty")
+    if len(kernels) != len(geometries):
+        raise ValueError(f"kernels and geometries must have the same length, got "
+                         f"{len(kernels)} kernels and {len(geometries)} geometries")
+    stacks = {}
+    for index, (kernel, geometry) in enumerate(zip(kernels, geometries)):
+        name = "kernel" if len(kernels) == 1 else f"kernels[{index}]"
+        kernel = _prepare_kernel(kernel, name)
+        kwargs = _geometry_kwargs(geometry, index)
+        try:
+            g = _Geometry(kernel.shape, **kwargs)
+        except ValueError as error:
+            if len(kernels) == 1:
+                raise
+            raise ValueError(f"kernels[{index}]: {error}") from None
+        key = (tuple(kernel.shape), kernel.dtype, g.input_shape, g.strides, g.dilation_rate,
+               g.groups)
+        entry = stacks.setdefault(key, ([], [], g))
+        entry[0].append(index)
+        entry[1].append(kernel)
+    return len(kernels), [_Stack(indices, ks, g) for indices, ks, g in stacks.values()]
+
+
+def _scatter(count, stacks, per_stack):
+    """Per-stack lists of per-kernel results -> one list in the caller's order."""
+    out = [None] * count
+    for stack, results in zip(stacks, per_stack):
+        for index, result in zip(stack.indices, results):
+            out[index] = result
+    return out
+
+
+def _batch_arguments(kernels, input_shape, strides, dilation_rate, groups):
+    """The `*_batch` functions' arguments as `_plan`'s, with their one-shape check."""
     if tf.is_tensor(kernels) or isinstance(kernels, np.ndarray):
         raise TypeError("kernels must be a list of kernels of one shape, got a single "
                         f"{type(kernels).__name__} of shape {tuple(kernels.shape)}")
-    kernels = [_prepare_kernel(k) for k in kernels]
+    kernels = list(kernels)
     if not kernels:
         raise ValueError("kernels is empty")
+    kernels = [_prepare_kernel(k) for k in kernels]
     first = kernels[0]
     for index, k in enumerate(kernels):
         if k.shape != first.shape or k.dtype != first.dtype:
             raise ValueError(
                 f"kernels must share one shape and dtype: kernels[0] is {first.dtype.name} "
                 f"{tuple(first.shape)}, kernels[{index}] is {k.dtype.name} {tuple(k.shape)}")
-    # Validate as the user wrote it, so errors name their groups.
+    # Validate as the user wrote it, so that errors name their arguments.
     _Geometry(first.shape, input_shape, strides, dilation_rate, groups)
-    stacked = tf.concat(kernels, axis=-1) if len(kernels) > 1 else first
-    geometry = _Geometry(stacked.shape, input_shape, strides, dilation_rate,
-                         groups * len(kernels))
-    return stacked, len(kernels), geometry
-
-
-def _unstack(stacked, count):
-    """(*shape[:-1], count * c_out) -> (count, *shape[:-1], c_out)."""
-    shape = stacked.shape
-    x = tf.reshape(stacked, tuple(shape[:-1]) + (count, shape[-1] // count))
-    rank = len(shape)
-    return tf.transpose(x, [rank - 1] + list(range(rank - 1)) + [rank])
+    geometry = dict(input_shape=input_shape, strides=strides, dilation_rate=dilation_rate,
+                    groups=groups)
+    return kernels, [geometry] * len(kernels)
 
 
 def conv_singular_values(kernel, input_shape, strides=1, dilation_rate=1, groups=1):
@@ -547,7 +883,9 @@ def conv_singular_values(kernel, input_shape, strides=1, dilation_rate=1, groups
         input size, or non-positive sizes.
       tf.errors.InvalidArgumentError: NaN or Inf in the kernel.
     """
-    return conv_singular_values_batch([kernel], input_shape, strides, dilation_rate, groups)[0]
+    return conv_singular_values_many(
+        [kernel], [dict(input_shape=input_shape, strides=strides, dilation_rate=dilation_rate,
+                        groups=groups)])[0]
 
 
 def conv_singular_values_batch(kernels, input_shape, strides=1, dilation_rate=1, groups=1):
@@ -557,18 +895,46 @@ def conv_singular_values_batch(kernels, input_shape, strides=1, dilation_rate=1,
     a list of kernels; returns a tensor of shape `(len(kernels), count)`, row
     b the sorted spectrum of `kernels[b]`.
     """
-    stacked, count, geometry = _stack(kernels, input_shape, strides, dilation_rate, groups)
-    out_dtype = stacked.dtype
-    _, complex_dtype = _work_dtypes(out_dtype)
-    # The transform keeps the kernel's precision; the decomposition runs in
-    # complex128, since the Gram route squares the condition number.
-    matrices = _forward(stacked, geometry, complex_dtype)
-    values = _matrix_singular_values(matrices, use_svd=out_dtype == tf.float64)
-    frequencies, per_frequency = values.shape[0], values.shape[1] * values.shape[2] // count
-    values = tf.transpose(tf.reshape(values, (frequencies, count, per_frequency)), [1, 0, 2])
-    repeats = tf.repeat(tf.constant(geometry.weights), per_frequency)
-    values = tf.repeat(tf.reshape(values, (count, -1)), repeats, axis=1)
-    return tf.cast(tf.sort(values, axis=-1, direction="DESCENDING"), out_dtype)
+    return tf.stack(conv_singular_values_many(
+        *_batch_arguments(kernels, input_shape, strides, dilation_rate, groups)))
+
+
+def conv_singular_values_many(kernels, geometries):
+    """`conv_singular_values` of many kernels of any shapes and geometries, in one pass.
+
+    What a whole network needs: kernels that share a shape and geometry are
+    stacked, and every per-frequency matrix of one size, whichever layer it
+    comes from, goes through a single decomposition op.
+
+    Args:
+      kernels: a list of kernels, each as for `conv_singular_values`.
+      geometries: a list of the same length; entry i holds kernel i's
+        geometry as a dict of `conv_singular_values`' keyword arguments
+        (`input_shape`, and optionally `strides`, `dilation_rate`, `groups`),
+        or an object with a `spectral_kwargs()` method returning one (as
+        `tfconvnorm.ConvGeometry` does).
+
+    Returns:
+      A list: entry i is `conv_singular_values(kernels[i], **geometries[i])`.
+    """
+    count, stacks = _plan(kernels, geometries)
+    # The decomposition runs in complex128 (the Gram route squares the
+    # condition number), so the transform is done in float64 straight away.
+    pooled = _singular_values_pooled([
+        (tf.complex(*_forward_parts(stack.stacked, stack.geometry, tf.float64)),
+         stack.real_dtype == tf.float64)   # float64 kernels: SVD, full relative accuracy
+        for stack in stacks])
+    per_stack = []
+    for stack, values in zip(stacks, pooled):
+        frequencies = values.shape[0]
+        per_frequency = values.shape[1] * values.shape[2] // stack.count
+        values = tf.transpose(tf.reshape(values, (frequencies, stack.count, per_frequency)),
+                              [1, 0, 2])
+        repeats = tf.repeat(tf.constant(stack.geometry.weights), per_frequency)
+        values = tf.repeat(tf.reshape(values, (stack.count, -1)), repeats, axis=1)
+        values = tf.cast(tf.sort(values, axis=-1, direction="DESCENDING"), stack.out_dtype)
+        per_stack.append(tf.unstack(values) if stack.count > 1 else [values[0]])
+    return _scatter(count, stacks, per_stack)
 
 
 def conv_operator_norm(kernel, input_shape, strides=1, dilation_rate=1, groups=1):
@@ -580,16 +946,47 @@ def conv_operator_norm(kernel, input_shape, strides=1, dilation_rate=1, groups=1
     decomposed, by `eigvalsh` in complex128 (so this runs on a GPU too). The
     result has the kernel's dtype.
     """
-    return conv_operator_norm_batch([kernel], input_shape, strides, dilation_rate, groups)[0]
+    return conv_operator_norm_many(
+        [kernel], [dict(input_shape=input_shape, strides=strides, dilation_rate=dilation_rate,
+                        groups=groups)])[0]
 
 
 def conv_operator_norm_batch(kernels, input_shape, strides=1, dilation_rate=1, groups=1):
     """`conv_operator_norm` of several kernels of one shape and geometry, in one
     pass; returns a tensor of shape `(len(kernels),)`. Differentiable."""
-    stacked, count, geometry = _stack(kernels, input_shape, strides, dilation_rate, groups)
-    _, complex_dtype = _work_dtypes(stacked.dtype)
-    matrices = _forward(stacked, geometry, complex_dtype)
-    return tf.cast(_largest_singular_values(matrices, count), stacked.dtype)
+    return tf.stack(conv_operator_norm_many(
+        *_batch_arguments(kernels, input_shape, strides, dilation_rate, groups)))
+
+
+def conv_operator_norm_many(kernels, geometries):
+    """`conv_operator_norm` of many kernels of any shapes and geometries, in one pass.
+
+    Arguments as for `conv_singular_values_many`; returns a list of scalar
+    tensors, entry i the norm of `kernels[i]` in its dtype. Differentiable.
+    """
+    count, stacks = _plan(kernels, geometries)
+    norms = _norms_of_stacks(stacks, [stack.stacked for stack in stacks])
+    return _scatter(count, stacks, [tf.unstack(tf.cast(n, stack.out_dtype))
+                                    for stack, n in zip(stacks, norms)])
+
+
+def _norms_of_stacks(stacks, stacked_kernels):
+    """Per stack, the (count,) norms (working dtype) of its kernels, given stacked.
+
+    Each kernel is divided by its largest entry first (the norm is
+    positively homogeneous), so that Gram matrices and their squarings
+    neither overflow nor underflow.
+    """
+    entries, scales = [], []
+    for stack, k in zip(stacks, stacked_kernels):
+        k = tf.cast(k, stack.real_dtype)
+        scale = tf.reduce_max(tf.abs(tf.reshape(k, (-1, stack.count, stack.c_out))), axis=[0, 2])
+        scale = tf.stop_gradient(_safe_scale(scale))
+        parts = _forward_parts(k / stack.per_channel(scale), stack.geometry, stack.real_dtype)
+        entries.append((parts, stack.count))
+        scales.append(scale)
+    return [norms * scale for norms, scale in
+            zip(_largest_singular_values_pooled(entries), scales)]
 
 
 def _check_max_norm(max_norm):
@@ -651,9 +1048,10 @@ def clip_conv_singular_values(kernel, input_shape, max_norm, strides=1, dilation
       tf.errors.InvalidArgumentError: NaN or Inf in the kernel (nothing is
         returned that could be written into a variable).
     """
-    return clip_conv_singular_values_batch([kernel], input_shape, max_norm, strides,
-                                           dilation_rate, groups, method, iterations,
-                                           tolerance)[0]
+    return clip_conv_singular_values_many(
+        [kernel], [dict(input_shape=input_shape, strides=strides, dilation_rate=dilation_rate,
+                        groups=groups)],
+        max_norm, method=method, iterations=iterations, tolerance=tolerance)[0]
 
 
 def clip_conv_singular_values_batch(kernels, input_shape, max_norm, strides=1, dilation_rate=1,
@@ -666,72 +1064,98 @@ def clip_conv_singular_values_batch(kernels, input_shape, max_norm, strides=1, d
     `(len(kernels), *kernel_shape)`. Kernels already inside are returned
     unchanged, each on its own.
     """
+    return tf.stack(clip_conv_singular_values_many(
+        *_batch_arguments(kernels, input_shape, strides, dilation_rate, groups), max_norm,
+        method=method, iterations=iterations, tolerance=tolerance))
+
+
+def clip_conv_singular_values_many(kernels, geometries, max_norm, method=DEFAULT_METHOD,
+                                   iterations=None, tolerance=DEFAULT_EXACT_TOLERANCE):
+    """`clip_conv_singular_values` of many kernels of any shapes and geometries.
+
+    Each kernel is projected on its own, with the same bound, and exactly as
+    `clip_conv_singular_values` would (kernels inside come back unchanged);
+    the decompositions of all of them are pooled, one op per matrix size.
+    This is what `OperatorNormClipper` runs. `kernels` and `geometries` as
+    for `conv_singular_values_many`; returns a list of kernels.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got method={method!r}")
     max_norm = _check_max_norm(max_norm)
-    stacked, count, geometry = _stack(kernels, input_shape, strides, dilation_rate, groups)
     if iterations is None:
         iterations = (DEFAULT_EXACT_MAX_ITERATIONS if method == "exact"
                       else DEFAULT_ALTERNATING_ITERATIONS)
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) \
             or iterations < 1:
         raise ValueError(f"iterations must be a positive int, got iterations={iterations!r}")
-    if method == "exact" and geometry.folded:
-        extent = tuple((k - 1) * r + 1 for k, r in zip(geometry.kernel_size,
-                                                       geometry.dilation_rate))
-        raise ValueError(
-            f"method='exact' needs input_shape={geometry.input_shape} at least as large as "
-            f"the dilated kernel {extent} on every axis; use method='alternating'")
-    out_dtype = stacked.dtype
-    real_dtype, complex_dtype = _work_dtypes(out_dtype)
-    c_out = stacked.shape[-1] // count
-    groups_per_kernel = geometry.groups // count
-
-    def per_channel(values):  # (count,) -> broadcastable over the stacked kernel
-        return tf.repeat(values, c_out)
+    count, stacks = _plan(kernels, geometries)
+    if method == "exact":
+        for stack in stacks:
+            g = stack.geometry
+            if g.folded:
+                extent = tuple((k - 1) * r + 1 for k, r in zip(g.kernel_size, g.dilation_rate))
+                where = "" if count == 1 else f"kernels[{stack.indices[0]}]: "
+                raise ValueError(
+                    f"{where}method='exact' needs input_shape={g.input_shape} at least as "
+                    f"large as the dilated kernel {extent} on every axis; use "
+                    f"method='alternating'")
 
     # The projection is positively homogeneous, so each kernel works on
     # kernel / max|kernel|: Gram matrices of a huge (diverged but finite)
     # kernel would overflow.
-    original = tf.cast(stacked, real_dtype)
-    scale = tf.reduce_max(tf.abs(tf.reshape(original, (-1, count, c_out))), axis=[0, 2])
-    scale = _safe_scale(scale)
-    work = original / per_channel(scale)
-    bound = tf.cast(max_norm, real_dtype) / scale                      # (count,)
-    matrix_bound = tf.repeat(bound, groups_per_kernel)[None, :]        # (1, count * groups)
+    works, bounds, scales, matrix_bounds = [], [], [], []
+    for stack in stacks:
+        original = tf.cast(stack.stacked, stack.real_dtype)
+        scale = tf.reduce_max(tf.abs(tf.reshape(original, (-1, stack.count, stack.c_out))),
+                              axis=[0, 2])
+        scale = _safe_scale(scale)
+        # Via float64: tf.cast of a Python float would round it to float32 first.
+        bound = tf.cast(tf.convert_to_tensor(max_norm, tf.float64), stack.real_dtype) / scale
+        works.append(original / stack.per_channel(scale))
+        scales.append(scale)
+        bounds.append(bound)
+        matrix_bounds.append(tf.repeat(bound, stack.groups_per_kernel)[None, :])
 
-    def norms_of(k):
-        return _largest_singular_values(_forward(k, geometry, complex_dtype), count)
+    def clip_once(ks):
+        clipped = _clip_matrices_pooled([(stack.forward(k), b) for stack, k, b in
+                                         zip(stacks, ks, matrix_bounds)])
+        return [_inverse(m, stack.geometry, stack.real_dtype)
+                for stack, m in zip(stacks, clipped)]
 
-    def clip_once(k):
-        return _inverse(_clip_matrices(_forward(k, geometry, complex_dtype), matrix_bound),
-                        geometry, real_dtype)
+    def rescale(ks):
+        return [k * stack.per_channel(tf.where(n > b, b / n, tf.ones_like(n)))
+                for stack, k, n, b in zip(stacks, ks, _norms_of_stacks(stacks, ks), bounds)]
 
-    def rescale(k):
-        norms = norms_of(k)
-        return k * per_channel(tf.where(norms > bound, bound / norms, tf.ones_like(norms)))
+    def finish(stack, k, scale):
+        return tf.cast(k * stack.per_channel(scale), stack.out_dtype)
 
     if method == "paper":
-        return _unstack(tf.cast(clip_once(work) * per_channel(scale), out_dtype), count)
+        results = [finish(*args) for args in zip(stacks, clip_once(works), scales)]
+    else:
+        inside = [n <= b * (1 + _INSIDE_RTOL[stack.real_dtype]) for stack, n, b in
+                  zip(stacks, _norms_of_stacks(stacks, works), bounds)]
 
-    def project():
-        if method == "alternating":
-            k = work
-            for _ in range(int(iterations)):
-                k = clip_once(k)
-            projected = rescale(k)
-        else:
-            run = _dykstra_function(tuple(stacked.shape), geometry.input_shape,
-                                    geometry.strides, geometry.dilation_rate, geometry.groups,
-                                    real_dtype.name, int(iterations), float(tolerance))
-            projected = rescale(run(work, matrix_bound))
-        # Kernels inside stay the input itself, bit for bit.
-        return tf.where(per_channel(inside), stacked,
-                        tf.cast(projected * per_channel(scale), out_dtype))
+        def project():
+            if method == "alternating":
+                ks = works
+                for _ in range(int(iterations)):
+                    ks = clip_once(ks)
+            else:
+                ks = []
+                for stack, k, b in zip(stacks, works, matrix_bounds):
+                    g = stack.geometry
+                    run = _dykstra_function(tuple(stack.stacked.shape), g.input_shape,
+                                            g.strides, g.dilation_rate, g.groups,
+                                            stack.real_dtype.name, int(iterations),
+                                            float(tolerance))
+                    ks.append(run(k, b))
+            # Kernels inside stay the input itself, bit for bit.
+            return [tf.where(stack.per_channel(i), stack.stacked, finish(stack, k, scale))
+                    for stack, k, i, scale in zip(stacks, rescale(ks), inside, scales)]
 
-    inside = norms_of(work) <= bound * (1 + _INSIDE_RTOL[real_dtype])
-    result = tf.cond(tf.reduce_all(inside), lambda: tf.identity(stacked), project)
-    return _unstack(result, count)
+        all_inside = tf.reduce_all(tf.concat(inside, axis=0))
+        results = tf.cond(all_inside, lambda: [tf.identity(s.stacked) for s in stacks], project)
+    return _scatter(count, stacks, [stack.unstack(r) for stack, r in zip(stacks, results)])
 
 
 @functools.lru_cache(maxsize=64)
