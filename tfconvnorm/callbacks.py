@@ -66,32 +66,34 @@ def make_projection_fn(operators, max_norm, method=DEFAULT_CLIPPER_METHOD, itera
     if not operators:
         raise ValueError("`operators` is empty: there is nothing to project.")
 
-    def norm_of(conv, op):
-        return tf.cast(spectral.conv_operator_norm(conv, **op.geometry.spectral_kwargs()),
-                       tf.float32)
+    geometries = [op.geometry for op in operators]
 
     @tf.function(autograph=False, jit_compile=False)
     def project():
-        before, after, new_values = [], [], []
+        dtypes, convs = [], []
         for op in operators:
             value = tf.convert_to_tensor(op.variable.value)
-            dtype = value.dtype
-            if dtype not in (tf.float32, tf.float64):
+            dtypes.append(value.dtype)
+            if value.dtype not in (tf.float32, tf.float64):
                 value = tf.cast(value, tf.float32)
-            conv = op.to_spectral(value)
-            clipped = spectral.clip_conv_singular_values(
-                conv, max_norm=max_norm, method=method, iterations=iterations,
-                **op.geometry.spectral_kwargs())
-            if compute_norms:
-                before.append(norm_of(conv, op))
-                after.append(norm_of(clipped, op))
-            new_values.append(tf.cast(op.from_spectral(clipped), dtype))
+            convs.append(op.to_spectral(value))
+        # One pooled call for all kernels: one decomposition per matrix size.
+        clipped = spectral.clip_conv_singular_values_many(
+            convs, geometries, max_norm=max_norm, method=method, iterations=iterations)
+        before, after = [], []
+        if compute_norms:
+            def norms(kernels):
+                return tf.stack([tf.cast(n, tf.float32) for n in
+                                 spectral.conv_operator_norm_many(kernels, geometries)])
+            before, after = norms(convs), norms(clipped)
+        new_values = [tf.cast(op.from_spectral(c), dtype)
+                      for op, c, dtype in zip(operators, clipped, dtypes)]
         # All or nothing: no assignment before every projection succeeded.
-        with tf.control_dependencies(new_values + before + after):
+        with tf.control_dependencies(new_values + ([before, after] if compute_norms else [])):
             for op, value in zip(operators, new_values):
                 op.variable.assign(value)
         empty = tf.zeros([0], tf.float32)
-        return (tf.stack(before) if before else empty, tf.stack(after) if after else empty)
+        return (before, after) if compute_norms else (empty, empty)
 
     return project
 
@@ -222,16 +224,17 @@ def make_spectra_fn(operators):
     """One compiled call returning the full spectrum of every operator (descending)."""
     operators = list(operators)
 
+    geometries = [op.geometry for op in operators]
+
     @tf.function(autograph=False, jit_compile=False)
     def spectra():
-        result = []
+        kernels = []
         for op in operators:
             value = tf.convert_to_tensor(op.variable.value)
             if value.dtype not in (tf.float32, tf.float64):
                 value = tf.cast(value, tf.float32)
-            result.append(spectral.conv_singular_values(op.to_spectral(value),
-                                                        **op.geometry.spectral_kwargs()))
-        return result
+            kernels.append(op.to_spectral(value))
+        return spectral.conv_singular_values_many(kernels, geometries)
 
     return spectra
 
