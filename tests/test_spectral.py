@@ -597,3 +597,18 @@ def test_per_axis_transform_matches_explicit_matrix(monkeypatch, shape, n, strid
     clipped = tfconvnorm.clip_conv_singular_values(kernel, n, 0.5 * expected[0], strides,
                                                    dilation, groups)
     assert _norm(clipped, n, strides, dilation, groups) <= 0.5 * expected[0] * (1 + 1e-8)
+
+
+@pytest.mark.parametrize("shape,n,strides", [
+    ((3, 3, 40, 36), (3, 2), 1),    # Gram 36x36: Gauss's three-matmul product
+    ((3, 3, 12, 40), (4, 4), 2),    # 40 x 48 after the polyphase split
+    ((1, 1, 50, 40), (2, 2), 1),    # every matrix real: real Gram and eigvalsh
+])
+def test_wide_layer_spectra_match_explicit_matrix(shape, n, strides):
+    kernel = _random_kernel(shape, np.float32, seed=90)
+    # Make one frequency rank deficient: its small singular values come from
+    # the SVD fallback, which has to gather from the same (real or complex) parts.
+    kernel[..., -1] = kernel[..., -2]
+    expected = reference.explicit_singular_values(kernel, n, strides)
+    got = tfconvnorm.conv_singular_values(kernel, n, strides)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-6 * expected[0])

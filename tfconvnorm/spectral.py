@@ -97,6 +97,9 @@ _COMBINED_FACTOR_MAX_ENTRIES = 1 << 21
 #: squarings its square (64^-16, in the Frobenius norm) is still above
 #: float32's smallest normal number.
 _RENORMALISE_EVERY = {tf.float32: 3, tf.float64: 6}
+#: Up to this Gram size TF's complex128 matmul beats Gauss's three float64
+#: matmuls (`_gram`); above it, not (measured on a 2-core CPU).
+_NATIVE_COMPLEX_GRAM_MAX_SIZE = 32
 #: Relative rounding allowance on those bounds, so that no candidate is lost.
 _BOUND_SLACK = {tf.float32: 1e-4, tf.float64: 1e-10}
 #: Above this matrix size the squarings cost more than a working-precision
@@ -198,6 +201,9 @@ class _Geometry:
                 zip(self.kernel_size, self.input_shape, self.strides, self.dilation_rate)))
         self.factors = [_axis_factors(*key) for key in keys]
         self.folded = any(f.folded for f in self.factors)
+        #: True when every per-frequency matrix is real: each axis has one
+        #: frequency (0), as for 1x1 convs and Dense layers.
+        self.real = all(constant)
         self.freq_shape = tuple(f.forward.shape[0] for f in self.factors)
         self.num_frequencies = int(np.prod(self.freq_shape, dtype=np.int64))
         weights = np.ones((), dtype=np.int64)
@@ -417,34 +423,66 @@ def _hermitian_square(real, imag):
 
 
 def _gram(matrices):
-    """The smaller Gram matrix, P P^H or P^H P, as a complex tensor.
+    """The smaller Gram matrix, P P^H or P^H P (real for real P).
 
-    complex64 goes through `_gram_parts`; for complex128 TF's complex matmul
-    is as fast as four float64 ones (measured), and saves the splitting.
+    complex64 goes through `_gram_parts`. For complex128, TF's complex matmul
+    wins on small matrices; above `_NATIVE_COMPLEX_GRAM_MAX_SIZE` it is only
+    as fast as four float64 matmuls, and Gauss's trick needs three
+    (`_gram_gauss`). The Gram matrix is most of the cost of a full spectrum
+    of wide layers (ResNet50V2's 512-channel convs: 480 -> 360 ms per 28
+    matrices).
     """
-    if matrices.dtype == tf.complex128:
-        rows, cols = matrices.shape[-2:]
-        return tf.matmul(matrices, matrices, adjoint_b=rows <= cols, adjoint_a=rows > cols)
-    return tf.complex(*_gram_parts(tf.math.real(matrices), tf.math.imag(matrices)))
-
-
-def _matrix_singular_values(matrices, use_svd):
-    """Singular values of each matrix (any batch shape), ascending, float64."""
     rows, cols = matrices.shape[-2:]
-    matrices = tf.cast(matrices, tf.complex128)
+    if not matrices.dtype.is_complex:
+        return tf.matmul(matrices, matrices, transpose_b=rows <= cols, transpose_a=rows > cols)
+    if matrices.dtype != tf.complex128:
+        return tf.complex(*_gram_parts(tf.math.real(matrices), tf.math.imag(matrices)))
+    if min(rows, cols) <= _NATIVE_COMPLEX_GRAM_MAX_SIZE:
+        return tf.matmul(matrices, matrices, adjoint_b=rows <= cols, adjoint_a=rows > cols)
+    return _gram_gauss(tf.math.real(matrices), tf.math.imag(matrices))
+
+
+def _gram_gauss(real, imag):
+    """`_gram` of real + i imag in three real matmuls, complex. With
+    P^H P = (R^T R + I^T I) + i (R^T I - I^T R):
+    R^T I - I^T R = (R - I)^T (R + I) - R^T R + I^T I (P P^H likewise)."""
+    rows, cols = real.shape[-2:]
+    if rows <= cols:
+        mm = functools.partial(tf.matmul, transpose_b=True)
+        mixed = mm(real + imag, real - imag)
+    else:
+        mm = functools.partial(tf.matmul, transpose_a=True)
+        mixed = mm(real - imag, real + imag)
+    squares_real, squares_imag = mm(real, real), mm(imag, imag)
+    return tf.complex(squares_real + squares_imag, mixed - squares_real + squares_imag)
+
+
+def _matrix_singular_values(real, imag, use_svd):
+    """Singular values of each matrix real + i imag (imag None: real
+    matrices), float64 parts of shape (batch, rows, cols); ascending, float64."""
+    rows, cols = real.shape[-2:]
+
+    def whole(index=None):  # the matrices (or those at `index`) as one tensor
+        pick = (lambda x: x) if index is None else functools.partial(tf.gather_nd, indices=index)
+        return pick(real) if imag is None else tf.complex(pick(real), pick(imag))
+
     if min(rows, cols) == 1:
-        axis = -1 if rows == 1 else -2
-        return _frobenius(matrices, axis)
+        return _frobenius(whole(), -1 if rows == 1 else -2)
     if use_svd:
-        return tf.reverse(tf.linalg.svd(matrices, compute_uv=False), axis=[-1])
-    eigenvalues = tf.math.real(tf.linalg.eigvalsh(_gram(matrices)))
+        return tf.reverse(tf.linalg.svd(whole(), compute_uv=False), axis=[-1])
+    if imag is None:
+        gram = _gram(real)
+    elif min(rows, cols) <= _NATIVE_COMPLEX_GRAM_MAX_SIZE:
+        gram = _gram(whole())  # TF's complex128 matmul
+    else:
+        gram = _gram_gauss(real, imag)
+    eigenvalues = tf.math.real(tf.linalg.eigvalsh(gram))
     values = tf.sqrt(tf.maximum(eigenvalues, 0.0))
     # Ill-conditioned matrices (and exactly singular ones) lose their small
     # singular values in the Gram matrix; redo just those with an SVD.
     lam_max = eigenvalues[..., -1:]
     poor = tf.where(eigenvalues[..., 0] <= _GRAM_CONDITION_THRESHOLD * lam_max[..., 0])
-    redone = tf.reverse(tf.linalg.svd(tf.gather_nd(matrices, poor), compute_uv=False),
-                        axis=[-1])
+    redone = tf.reverse(tf.linalg.svd(whole(poor), compute_uv=False), axis=[-1])
     return tf.tensor_scatter_nd_update(values, poor, redone)
 
 
@@ -623,17 +661,18 @@ def _clip_matrices_pooled(entries):
 
 
 def _singular_values_pooled(entries):
-    """`_matrix_singular_values` of [(matrices (freqs, batch, rows, cols), use_svd)]:
-    one (freqs, batch, k) float64 tensor per entry."""
+    """`_matrix_singular_values` of [(real, imag or None, use_svd)], float64
+    parts of shape (freqs, batch, rows, cols): one (freqs, batch, k) float64
+    tensor per entry."""
     results = [None] * len(entries)
-    keys = [(tuple(m.shape[-2:]), m.dtype, use_svd) for m, use_svd in entries]
     pools = {}
-    for index, key in enumerate(keys):
-        pools.setdefault(key, []).append(index)
-    for (_, _, use_svd), pool in pools.items():
+    for index, (real, imag, use_svd) in enumerate(entries):
+        pools.setdefault((tuple(real.shape[-2:]), imag is None, use_svd), []).append(index)
+    for (_, is_real, use_svd), pool in pools.items():
         shapes = [entries[index][0].shape for index in pool]
-        values = _matrix_singular_values(
-            _concat([_flat(entries[index][0]) for index in pool]), use_svd=use_svd)
+        real = _concat([_flat(entries[index][0]) for index in pool])
+        imag = None if is_real else _concat([_flat(entries[index][1]) for index in pool])
+        values = _matrix_singular_values(real, imag, use_svd=use_svd)
         sizes = [int(np.prod(shape[:2])) for shape in shapes]
         for index, shape, part in zip(pool, shapes, _split(values, sizes)):
             results[index] = tf.reshape(part, tuple(shape[:2]) + (-1,))
@@ -920,10 +959,15 @@ def conv_singular_values_many(kernels, geometries):
     count, stacks = _plan(kernels, geometries)
     # The decomposition runs in complex128 (the Gram route squares the
     # condition number), so the transform is done in float64 straight away.
-    pooled = _singular_values_pooled([
-        (tf.complex(*_forward_parts(stack.stacked, stack.geometry, tf.float64)),
-         stack.real_dtype == tf.float64)   # float64 kernels: SVD, full relative accuracy
-        for stack in stacks])
+    entries = []
+    for stack in stacks:
+        real, imag = _forward_parts(stack.stacked, stack.geometry, tf.float64)
+        # Where every axis is frequency-independent (1x1 convs, Dense) the
+        # matrices are real: real Gram and eigvalsh, 4x fewer flops. float64
+        # kernels go by SVD, for full relative accuracy.
+        entries.append((real, None if stack.geometry.real else imag,
+                        stack.real_dtype == tf.float64))
+    pooled = _singular_values_pooled(entries)
     per_stack = []
     for stack, values in zip(stacks, pooled):
         frequencies = values.shape[0]
