@@ -345,6 +345,18 @@ def _compiled_all_layers(layer_fn, layers):
     return lambda: run(kernels)
 
 
+def _compiled_many(many_fn, layers):
+    """One tf.function calling a `*_many` function on the whole layer set."""
+    kernels = [tf.constant(layer.kernel) for layer in layers]
+    geometries = [layer.spectral_kwargs() for layer in layers]
+
+    @tf.function
+    def run(kernels):
+        return many_fn(kernels, geometries)
+
+    return lambda: run(kernels)
+
+
 def _eager_per_layer(layer_fn, layers):
     kernels = [tf.constant(layer.kernel) for layer in layers]
     return lambda: [layer_fn(kernel, layer) for kernel, layer in zip(kernels, layers)]
@@ -477,8 +489,10 @@ def _largest_sv_case(name, layers, config, with_targets):
 
     skip_power = None if all_2d else "grouped convs: conv2d power iteration needs groups=1"
     methods = [
-        Method(REF_NAME, _compiled_all_layers(_norm, layers), compiled=True,
-               note="exact: conv_operator_norm, one tf.function over all layers"),
+        Method(REF_NAME, _compiled_many(tfconvnorm.conv_operator_norm_many, layers),
+               compiled=True, note="exact: conv_operator_norm_many, one tf.function"),
+        Method("tfconvnorm, layer by layer", _compiled_all_layers(_norm, layers), compiled=True,
+               note="conv_operator_norm per layer, one tf.function over all layers"),
         Method(f"power iteration x{iters} (tf.function)",
                _compiled_all_layers(power(iters), layers), compiled=True, skip=skip_power,
                note="conv2d / conv2d_transpose, circular (Model Garden style)"),
@@ -640,8 +654,10 @@ def _spectra_case(set_name, layers, config, threshold, extrapolate, check_extrap
         lambda batch: tf.linalg.svd(batch, compute_uv=False))
 
     methods = [
-        Method(REF_NAME, _compiled_all_layers(_spectrum, layers), compiled=True,
-               note="conv_singular_values, one tf.function over all layers"),
+        Method(REF_NAME, _compiled_many(tfconvnorm.conv_singular_values_many, layers),
+               compiled=True, note="conv_singular_values_many, one tf.function"),
+        Method("tfconvnorm, layer by layer", _compiled_all_layers(_spectrum, layers),
+               compiled=True, note="conv_singular_values per layer, one tf.function"),
         Method("tfconvnorm (eager, per layer)", _eager_per_layer(_spectrum, layers),
                skip="large layer set: only with --full" if extrapolate else None),
     ]
@@ -827,11 +843,13 @@ def breakdown(config):
             return alternatives.published_tf_singular_values(kernel, layer.input_shape)
 
         methods = [
-            Method(REF_NAME, _compiled_all_layers(_spectrum, layers), compiled=True,
-                   note="full spectrum (transfer matrices + eigvalsh, SVD fallback)"),
+            Method(REF_NAME, _compiled_many(tfconvnorm.conv_singular_values_many, layers),
+                   compiled=True,
+                   note="full spectrum (transfer matrices + eigvalsh, SVD fallback), pooled"),
             Method("tfconvnorm: transfer matrices only", _compiled_all_layers(matrices, layers),
                    compiled=True, note="conv_transfer_matrices, complex64"),
-            Method("tfconvnorm: operator norm", _compiled_all_layers(_norm, layers),
+            Method("tfconvnorm: operator norm",
+                   _compiled_many(tfconvnorm.conv_operator_norm_many, layers),
                    compiled=True, note="transfer matrices + Gram-iteration bounds + eigvalsh of candidates"),
             Method("published TF: FFT only", _compiled_all_layers(published_fft, layers),
                    compiled=True, note="tf.signal.fft2d"),
