@@ -612,3 +612,20 @@ def test_wide_layer_spectra_match_explicit_matrix(shape, n, strides):
     expected = reference.explicit_singular_values(kernel, n, strides)
     got = tfconvnorm.conv_singular_values(kernel, n, strides)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-6 * expected[0])
+
+
+@pytest.mark.parametrize("channels", [8, 24, 40, 64])  # each squaring schedule of the norm
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_operator_norm_bound_schedules_match_explicit_matrix(channels, dtype):
+    rng = np.random.default_rng(channels)
+    random = rng.standard_normal((3, 3, channels, channels))
+    identity = np.zeros((3, 3, channels, channels))
+    identity[1, 1] = np.eye(channels)  # every frequency ties: the bounds cannot prune
+    kernels = [random, identity, np.zeros_like(random), random * 1e-20]
+    norms = tfconvnorm.conv_operator_norm_batch([k.astype(dtype) for k in kernels], (4, 4))
+    expected = [reference.explicit_singular_values(k, (4, 4))[0] for k in kernels[:2]]
+    rel = 1e-6 if dtype == np.float32 else 1e-10
+    assert norms[0].numpy() == pytest.approx(expected[0], rel=rel)
+    assert norms[1].numpy() == pytest.approx(1.0, rel=rel)
+    assert norms[2].numpy() == 0.0
+    assert norms[3].numpy() == pytest.approx(expected[0] * 1e-20, rel=rel)

@@ -329,12 +329,15 @@ def _forward_parts(kernel, geometry, real_dtype):
     g = geometry
     shape = (g.num_frequencies, g.groups, g.cols, g.rows)
     if g.combined is not None:
-        x = tf.reshape(tf.cast(kernel, real_dtype), (g.taps, g.c_in_group * g.c_out))
-        x = tf.matmul(tf.constant(g.combined[0], real_dtype), x)
-        x = tf.reshape(x, (2, g.num_frequencies, g.phases, g.c_in_group, g.groups,
+        x = tf.reshape(tf.cast(kernel, real_dtype), (g.taps, g.c_in_group, g.groups,
+                                                     g.c_out_group))
+        if g.groups > 1:  # groups first: a transpose of the kernel, not of the output
+            x = tf.transpose(x, [0, 2, 1, 3])
+        x = tf.matmul(tf.constant(g.combined[0], real_dtype), tf.reshape(x, (g.taps, -1)))
+        x = tf.reshape(x, (2, g.num_frequencies, g.phases, g.groups, g.c_in_group,
                            g.c_out_group))
-        if g.groups > 1:
-            x = tf.transpose(x, [0, 1, 4, 2, 3, 5])
+        if g.groups > 1 and g.phases > 1:
+            x = tf.transpose(x, [0, 1, 3, 2, 4, 5])
         x = tf.reshape(x, (2,) + shape)
         return x[0], x[1]
     real = tf.reshape(tf.cast(kernel, real_dtype), g.kernel_size + (g.c_in_group * g.c_out,))
@@ -366,11 +369,14 @@ def _inverse(matrices, geometry, real_dtype):
     if g.combined is not None:
         x = tf.reshape(matrices, (g.num_frequencies, g.groups, g.phases, g.c_in_group,
                                   g.c_out_group))
-        if g.groups > 1:
-            x = tf.transpose(x, [0, 2, 3, 1, 4])
+        if g.groups > 1 and g.phases > 1:
+            x = tf.transpose(x, [0, 2, 1, 3, 4])
         x = tf.reshape(x, (g.num_frequencies * g.phases, g.c_in_group * g.c_out))
         x = tf.concat([tf.math.real(x), tf.math.imag(x)], axis=0)
         x = tf.matmul(tf.constant(g.combined[1], x.dtype), x)
+        x = tf.reshape(x, (g.taps, g.groups, g.c_in_group, g.c_out_group))
+        if g.groups > 1:
+            x = tf.transpose(x, [0, 2, 1, 3])
         return tf.cast(tf.reshape(x, g.kernel_size + (g.c_in_group, g.c_out)), real_dtype)
     d = g.rank
     x = tf.reshape(matrices, g.freq_shape + (g.groups,) + g.strides
@@ -543,13 +549,17 @@ def _largest_singular_values(real, imag, segment, count):
                                   if limit is None or size <= limit)
     trace = tf.linalg.trace(gram_real)
     index = tf.range(tf.shape(real, out_type=tf.int64)[0])   # surviving matrices
-    # A first lower bound: the exact top eigenvalue of each operator's
-    # largest-trace matrix (often the maximum itself; a handful of small
-    # decompositions that run beside the first squaring).
-    largest_trace = tf.math.unsorted_segment_max(trace, segment, count)
-    picked = tf.where(trace >= tf.gather(largest_trace, segment))[:, 0]
-    lower = tf.math.unsorted_segment_max(_top_eigenvalues(real, imag, picked),
-                                         tf.gather(segment, picked), count)
+    # A first lower bound where pruning starts after one squaring: the exact
+    # top eigenvalue of each operator's largest-trace matrix (often the
+    # maximum itself; a handful of small decompositions that run beside the
+    # first squaring). Later stages have good Rayleigh bounds of their own.
+    if first_stage == 1:
+        largest_trace = tf.math.unsorted_segment_max(trace, segment, count)
+        picked = tf.where(trace >= tf.gather(largest_trace, segment))[:, 0]
+        lower = tf.math.unsorted_segment_max(_top_eigenvalues(real, imag, picked),
+                                             tf.gather(segment, picked), count)
+    else:
+        lower = tf.zeros([count], tf.float64)
     # P_j = G^(2^j) / exp(log_scale_j), normalised to trace 1 at the start and
     # every few squarings so that nothing over- or underflows (the largest
     # eigenvalue of a trace-1 matrix of size n is at least 1/n).
