@@ -22,19 +22,28 @@ kernels whose taps all fall inside one stride (1x1 convs, 2x2 stride-2
 "patchify" convs) have the same matrix at every frequency, so one
 decomposition serves all.
 
-The per-frequency transform is a product of small per-axis DFT matrices (a
-tensordot per spatial axis) rather than a zero-padded FFT: it folds wrapped
-taps, handles dilation and the polyphase split in one step, and costs
-O(n k) per axis, which for conv kernels (k << n) is cheaper than O(n log n).
+The per-frequency transform is a product of small per-axis DFT matrices
+rather than a zero-padded FFT: it folds wrapped taps, handles dilation and
+the polyphase split in one step, and costs O(n k) per axis, which for conv
+kernels (k << n) is cheaper than O(n log n). The per-axis factors are
+combined into one real matrix, so a transform is a single matmul (one
+contraction per axis for very large 3-D inputs).
+
+Whole networks: the `*_many` functions take kernels of any geometries; those
+of one geometry are stacked (one grouped convolution), and the matrices of
+every layer that share a size go through one decomposition op. On networks
+of small layers, op launches otherwise cost more than the arithmetic.
 
 Decompositions, and where they run: singular values of float32 kernels come
 from `tf.linalg.eigvalsh` of the per-frequency Gram matrices in complex128
-(eigvalsh has CPU and GPU kernels); the few matrices whose condition number
-would make that inaccurate for small singular values are redone with
-`tf.linalg.svd`. float64 kernels use `tf.linalg.svd` throughout, for full
-relative accuracy. TensorFlow has no GPU kernel for complex SVD, so those
-SVDs run on the CPU even inside a GPU program. Operator norms and
-projections use `eigvalsh` / `eigh` only, so they run wholly on a GPU.
+(real float64 where every matrix is real: 1x1 convs, Dense); eigvalsh has
+CPU and GPU kernels. The few matrices whose condition number would make
+that inaccurate for small singular values are redone with `tf.linalg.svd`.
+float64 kernels use `tf.linalg.svd` throughout, for full relative accuracy.
+TensorFlow has no GPU kernel for complex SVD, so those SVDs run on the CPU
+even inside a GPU program. Operator norms and projections use `eigvalsh` /
+`eigh` and matmuls only, so they run wholly on a GPU. Complex products are
+done as real matmuls (TF's complex64 kernels are several times slower).
 
 Everything here is pure TensorFlow: graph-safe (`tf.function` with static
 kernel shapes), dtype-preserving, and free of Keras.
