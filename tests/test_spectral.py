@@ -146,6 +146,24 @@ def test_transfer_matrices_weights_cover_the_full_spectrum():
     assert matrices.shape[0] == 1 and int(weights[0]) == 48
 
 
+def test_transfer_matrices_are_the_kernel_dft_per_frequency():
+    # Independent of the core: at stride 1, P(w) = sum_t K[t]^T exp(-i w.t), i.e. the
+    # transposed channel matrix of np.fft.fft2 of the zero-padded kernel, for the
+    # frequencies kept (the last axis halved by conjugate symmetry).
+    kernel = _random_kernel((3, 2, 3, 4))
+    matrices, _ = tfconvnorm.conv_transfer_matrices(kernel, (6, 5))
+    fft = np.fft.fft2(kernel, (6, 5), axes=(0, 1))[:, :3]       # (6, 3, c_in, c_out)
+    expected = np.swapaxes(fft, -1, -2).reshape(6 * 3, 1, 4, 3)
+    np.testing.assert_allclose(matrices.numpy(), expected, rtol=1e-12, atol=1e-12)
+    # Groups: group g maps input channels [g c_in/G, ...) to outputs [g c_out/G, ...).
+    kernel = _random_kernel((3, 3, 2, 6))
+    matrices, _ = tfconvnorm.conv_transfer_matrices(kernel, (4, 4), groups=3)
+    fft = np.fft.fft2(kernel, (4, 4), axes=(0, 1))[:, :3]
+    for g in range(3):
+        block = np.swapaxes(fft[..., 2 * g:2 * g + 2], -1, -2).reshape(12, 2, 2)
+        np.testing.assert_allclose(matrices.numpy()[:, g], block, rtol=1e-12, atol=1e-12)
+
+
 def test_accepts_variables_and_preserves_dtype():
     variable = tf.Variable(_random_kernel((3, 3, 2, 2), np.float32))
     values = tfconvnorm.conv_singular_values(variable, 4)
