@@ -500,6 +500,8 @@ MIXED = [
     ((3, 2, 3), dict(input_shape=(7,)), np.float32),
     ((3, 3, 2, 4), dict(input_shape=(6, 6)), np.float32),          # same shape, other dtype
     ((5, 3), dict(input_shape=()), np.float64),
+    ((2, 3, 2, 2, 3), dict(input_shape=(4, 3, 4), strides=(2, 1, 2)), np.float32),
+    ((3, 2, 4), dict(input_shape=(9,), dilation_rate=3), np.float64),
 ]
 
 
