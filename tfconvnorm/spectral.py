@@ -414,6 +414,11 @@ def _frobenius(x, axis=(-2, -1)):
     return tf.sqrt(tf.reduce_sum(tf.math.square(tf.abs(x)), axis=axis))
 
 
+def _frobenius_parts(real, imag, axis=(-2, -1)):
+    """`_frobenius` of real + i imag, without forming the complex tensor."""
+    return tf.sqrt(tf.reduce_sum(tf.square(real) + tf.square(imag), axis=axis))
+
+
 def _gram_parts(real, imag):
     """Real and imaginary parts of the smaller Gram matrix of P = real + i imag:
     P P^H or P^H P.
@@ -437,8 +442,9 @@ def _hermitian_square(real, imag):
             tf.matmul(real, imag) + tf.matmul(imag, real))
 
 
-def _gram(matrices):
-    """The smaller Gram matrix, P P^H or P^H P (real for real P).
+def _gram(real, imag=None):
+    """The smaller Gram matrix, P P^H or P^H P, of P = real + i imag (imag
+    None: a real P, real Gram matrix), as one tensor.
 
     complex64 goes through `_gram_parts`. For complex128, TF's complex matmul
     wins on small matrices; above `_NATIVE_COMPLEX_GRAM_MAX_SIZE` it is only
@@ -447,14 +453,15 @@ def _gram(matrices):
     of wide layers (ResNet50V2's 512-channel convs: 480 -> 360 ms per 28
     matrices).
     """
-    rows, cols = matrices.shape[-2:]
-    if not matrices.dtype.is_complex:
-        return tf.matmul(matrices, matrices, transpose_b=rows <= cols, transpose_a=rows > cols)
-    if matrices.dtype != tf.complex128:
-        return tf.complex(*_gram_parts(tf.math.real(matrices), tf.math.imag(matrices)))
+    rows, cols = real.shape[-2:]
+    if imag is None:
+        return tf.matmul(real, real, transpose_b=rows <= cols, transpose_a=rows > cols)
+    if real.dtype != tf.float64:
+        return tf.complex(*_gram_parts(real, imag))
     if min(rows, cols) <= _NATIVE_COMPLEX_GRAM_MAX_SIZE:
+        matrices = tf.complex(real, imag)
         return tf.matmul(matrices, matrices, adjoint_b=rows <= cols, adjoint_a=rows > cols)
-    return _gram_gauss(tf.math.real(matrices), tf.math.imag(matrices))
+    return _gram_gauss(real, imag)
 
 
 def _gram_gauss(real, imag):
@@ -485,13 +492,7 @@ def _matrix_singular_values(real, imag, use_svd):
         return _frobenius(whole(), -1 if rows == 1 else -2)
     if use_svd:
         return tf.reverse(tf.linalg.svd(whole(), compute_uv=False), axis=[-1])
-    if imag is None:
-        gram = _gram(real)
-    elif min(rows, cols) <= _NATIVE_COMPLEX_GRAM_MAX_SIZE:
-        gram = _gram(whole())  # TF's complex128 matmul
-    else:
-        gram = _gram_gauss(real, imag)
-    eigenvalues = tf.math.real(tf.linalg.eigvalsh(gram))
+    eigenvalues = tf.math.real(tf.linalg.eigvalsh(_gram(real, imag)))
     values = tf.sqrt(tf.maximum(eigenvalues, 0.0))
     # Ill-conditioned matrices (and exactly singular ones) lose their small
     # singular values in the Gram matrix; redo just those with an SVD.
@@ -510,9 +511,8 @@ def _safe_scale(scale):
 def _top_eigenvalues(real, imag, indices):
     """Exact largest eigenvalue of the Gram matrix of each matrix `indices`
     points at, in complex128 (differentiable)."""
-    chosen = tf.complex(tf.cast(tf.gather(real, indices), tf.float64),
-                        tf.cast(tf.gather(imag, indices), tf.float64))
-    return tf.math.real(tf.linalg.eigvalsh(_gram(chosen)))[:, -1]
+    chosen = [tf.cast(tf.gather(x, indices), tf.float64) for x in (real, imag)]
+    return tf.math.real(tf.linalg.eigvalsh(_gram(*chosen)))[:, -1]
 
 
 def _largest_singular_values(real, imag, segment, count):
@@ -524,20 +524,20 @@ def _largest_singular_values(real, imag, segment, count):
     matrices are formed in the working precision.
 
     Decomposing every frequency is wasteful when only the maximum matters.
-    Gram iteration gives upper bounds U_j = tr(G) ||(G / tr G)^(2^j)||_F^(1/2^j)
-    on each matrix's largest eigenvalue, within a factor size^(1/2^j) of it.
-    Per operator, the matrix with the largest U_1 is decomposed exactly:
-    its top eigenvalue L is a lower bound on the operator's. Matrices with
-    U_j < L cannot hold the maximum and drop out before the next squaring
-    (on ResNet-32 about 60% after one squaring, 95% after two), and the few
-    left after the last squaring are decomposed exactly, in complex128.
-    Gradients flow through those decompositions.
+    Gram iteration gives upper bounds ||G^(2^j)||_F^(1/2^j) on each matrix's
+    largest eigenvalue, within a factor size^(1/2^j) of it, and Rayleigh
+    quotients give lower bounds; the best lower bound L of an operator is a
+    lower bound on its maximum. Matrices whose upper bound is below L cannot
+    hold the maximum and drop out before the next squaring (squarings and
+    the first pruning stage by size: `_GRAM_SQUARINGS`); the few left after
+    the last squaring are decomposed exactly, in complex128. Above
+    `_GRAM_BOUNDS_MAX_SIZE` a working-precision eigvalsh screens instead.
+    Gradients flow through the exact decompositions.
     """
     rows, cols = real.shape[-2:]
     dtype = real.dtype
     if min(rows, cols) == 1:
-        values = tf.sqrt(tf.reduce_sum(tf.square(real) + tf.square(imag), axis=[-2, -1]))
-        return tf.math.unsorted_segment_max(values, segment, count)
+        return tf.math.unsorted_segment_max(_frobenius_parts(real, imag), segment, count)
     gram_real, gram_imag = _gram_parts(real, imag)
     if min(rows, cols) > _GRAM_BOUNDS_MAX_SIZE:
         # Squarings cost more than eigvalsh itself at this size: screen with
@@ -620,12 +620,25 @@ def _largest_singular_values(real, imag, segment, count):
 # cost more than the arithmetic.
 
 
-def _pools(items):
-    """Index lists of `items` (tensors (..., rows, cols)) that share rows, cols, dtype."""
+def _pools(keys):
+    """{key: indices of the entries with that key}, in first-seen order."""
     pools = {}
-    for index, item in enumerate(items):
-        pools.setdefault((int(item.shape[-2]), int(item.shape[-1]), item.dtype), []).append(index)
-    return list(pools.values())
+    for index, key in enumerate(keys):
+        pools.setdefault(key, []).append(index)
+    return pools
+
+
+def _size_key(matrices):
+    """What matrices must share to be decomposed together: size and dtype."""
+    return tuple(matrices.shape[-2:]), matrices.dtype
+
+
+def _unflatten(values, pool, shapes, results):
+    """Split pooled per-matrix `values` back into results[index], shaped like
+    each entry's matrices (freqs, batch) plus `values`' trailing axes."""
+    sizes = [int(np.prod(shape[:2])) for shape in shapes]
+    for index, shape, part in zip(pool, shapes, _split(values, sizes)):
+        results[index] = tf.reshape(part, tuple(shape[:2]) + tuple(values.shape[1:]))
 
 
 def _concat(tensors):
@@ -645,7 +658,7 @@ def _largest_singular_values_pooled(entries):
     (freqs, count * groups, rows, cols): one (count,) tensor per entry
     (column block b of an entry is operator b)."""
     results = [None] * len(entries)
-    for pool in _pools([parts[0] for parts, _ in entries]):
+    for pool in _pools([_size_key(parts[0]) for parts, _ in entries]).values():
         segments, offset = [], 0
         for index in pool:
             (real, _), count = entries[index]
@@ -666,16 +679,13 @@ def _clip_matrices_pooled(entries):
     """`_clip_matrices` of [(matrices (freqs, batch, rows, cols), bound broadcastable to
     (freqs, batch))]: the clipped matrices, entry by entry."""
     results = [None] * len(entries)
-    for pool in _pools([matrices for matrices, _ in entries]):
-        shapes = [entries[index][0].shape for index in pool]
+    for pool in _pools([_size_key(matrices) for matrices, _ in entries]).values():
         flat = _concat([_flat(entries[index][0]) for index in pool])
         bound = _concat([tf.reshape(tf.broadcast_to(tf.cast(bound, matrices.dtype.real_dtype),
                                                     matrices.shape[:2]), [-1])
                          for matrices, bound in (entries[index] for index in pool)])
-        clipped = _clip_matrices(flat, bound)
-        sizes = [int(np.prod(shape[:2])) for shape in shapes]
-        for index, shape, part in zip(pool, shapes, _split(clipped, sizes)):
-            results[index] = tf.reshape(part, shape)
+        _unflatten(_clip_matrices(flat, bound), pool,
+                   [entries[index][0].shape for index in pool], results)
     return results
 
 
@@ -684,17 +694,12 @@ def _singular_values_pooled(entries):
     parts of shape (freqs, batch, rows, cols): one (freqs, batch, k) float64
     tensor per entry."""
     results = [None] * len(entries)
-    pools = {}
-    for index, (real, imag, use_svd) in enumerate(entries):
-        pools.setdefault((tuple(real.shape[-2:]), imag is None, use_svd), []).append(index)
-    for (_, is_real, use_svd), pool in pools.items():
-        shapes = [entries[index][0].shape for index in pool]
+    keys = [(tuple(real.shape[-2:]), imag is None, use_svd) for real, imag, use_svd in entries]
+    for (_, is_real, use_svd), pool in _pools(keys).items():
         real = _concat([_flat(entries[index][0]) for index in pool])
         imag = None if is_real else _concat([_flat(entries[index][1]) for index in pool])
-        values = _matrix_singular_values(real, imag, use_svd=use_svd)
-        sizes = [int(np.prod(shape[:2])) for shape in shapes]
-        for index, shape, part in zip(pool, shapes, _split(values, sizes)):
-            results[index] = tf.reshape(part, tuple(shape[:2]) + (-1,))
+        _unflatten(_matrix_singular_values(real, imag, use_svd=use_svd), pool,
+                   [entries[index][0].shape for index in pool], results)
     return results
 
 
@@ -749,9 +754,8 @@ def _clip_matrices(matrices, max_norm):
         return (_complex_matmul_parts(*shrink, real, imag) if rows <= cols
                 else _complex_matmul_parts(real, imag, *shrink))
 
-    gram_frobenius = tf.sqrt(tf.reduce_sum(tf.square(gram_real) + tf.square(gram_imag),
-                                           axis=[-2, -1]))
-    over = gram_frobenius > tf.square(bound) * (1 - _BOUND_SLACK[real_dtype])
+    over = (_frobenius_parts(gram_real, gram_imag)
+            > tf.square(bound) * (1 - _BOUND_SLACK[real_dtype]))
 
     def all_matrices():
         return clip(real, imag, gram_real, gram_imag, bound)
