@@ -17,9 +17,11 @@ checkpoints people have:
       --output_dir=out
 
 Writes spectra.npz, summary.csv and spectra.png to --output_dir and prints a
-table. Spectra are those of circular convolutions: for zero-padded layers they
-bound the operator norm from above. Layers whose stride does not divide their
-input size are computed at the next size it divides and marked approximate.
+table. Every layer is taken with its own zero padding: its spectrum is that of
+the circular convolution on the embedding size N that contains it, an
+entrywise certified upper bound on the layer's singular values, and each
+layer gets a certified interval [sigma_max_lower, sigma_max_upper] for its
+norm (Lanczos on the real layer for the lower end).
 """
 
 import json
@@ -34,7 +36,9 @@ from absl import flags
 from models import imagenet_resnet_v2
 from models import resnet_v2
 from tfconvnorm import checkpoints
+from tfconvnorm import geometry
 from tfconvnorm import plotting
+from tfconvnorm import spectral
 
 CIFAR_ARCHITECTURE = "cifar_resnet_v2"
 IMAGENET_ARCHITECTURES = ("resnet50v2", "resnet101v2", "resnet152v2",
@@ -71,6 +75,9 @@ flags.DEFINE_bool("log_scale", True, "Logarithmic singular-value axis in spectra
 flags.DEFINE_bool("log_rank", False, "Logarithmic rank axis in spectra.png.")
 flags.DEFINE_string("output_dir", None, "Directory for spectra.npz, summary.csv, spectra.png.")
 flags.DEFINE_enum("dtype", "float32", checkpoints.DTYPES, "Precision of the computation.")
+flags.DEFINE_integer("bound_iterations", spectral.DEFAULT_POWER_ITERATIONS,
+                     "Lanczos iterations on each real layer for the certified lower bound on "
+                     "its norm (0: skip the lower bounds' iterations, a random vector).")
 
 
 def _architecture_depth(architecture, depth):
@@ -198,7 +205,7 @@ def _read_records(fmt, checkpoint, family, depth, image_size):
 
 def analyse(checkpoint, output_dir, format=None, architecture=None, depth=None,  # pylint: disable=redefined-builtin
             image_size=None, layers=None, skip_1x1=False, dtype="float32", log_scale=True,
-            verbose=True, log_rank=False):
+            verbose=True, log_rank=False, bound_iterations=None):
     """Computes every layer's singular values and writes spectra.npz / summary.csv / spectra.png.
 
     Args:
@@ -216,6 +223,8 @@ def analyse(checkpoint, output_dir, format=None, architecture=None, depth=None, 
       dtype: "float32" or "float64".
       log_scale, log_rank: logarithmic value / rank axis of the plot.
       verbose: print a progress bar and the summary table.
+      bound_iterations: Lanczos iterations behind each layer's certified lower
+        bound (default `tfconvnorm.DEFAULT_POWER_ITERATIONS`).
 
     Returns:
       A dict: `spectra` (list of `checkpoints.LayerSpectrum`), `format`,
@@ -257,13 +266,17 @@ def analyse(checkpoint, output_dir, format=None, architecture=None, depth=None, 
         records = selected
     if verbose:
         print(f"{checkpoint}: {fmt}, {description}: {len(records)} layers")
-    spectra = checkpoints.layer_spectra(records, dtype=dtype, progress=verbose)
+    if bound_iterations is None:
+        bound_iterations = spectral.DEFAULT_POWER_ITERATIONS
+    spectra = checkpoints.layer_spectra(records, dtype=dtype, progress=verbose,
+                                        bound_iterations=bound_iterations)
 
     os.makedirs(output_dir, exist_ok=True)
     metadata = {"checkpoint": os.path.abspath(checkpoint), "format": fmt,
                 "architecture": description, "dtype": dtype,
                 "image_size": "" if image_size is None else image_size,
-                "layers": layers or "", "boundary": "circular"}
+                "layers": layers or "", "bound_iterations": bound_iterations,
+                "operator": _operator_description(spectra)}
     npz_path = os.path.join(output_dir, checkpoints.SPECTRA_FILENAME)
     csv_path = os.path.join(output_dir, checkpoints.SUMMARY_FILENAME)
     checkpoints.write_spectra_npz(npz_path, spectra, metadata)
@@ -282,13 +295,19 @@ def analyse(checkpoint, output_dir, format=None, architecture=None, depth=None, 
             "table": table, "seconds": seconds}
 
 
+def _operator_description(spectra):
+    """What the spectra are, in words (plot title, npz metadata)."""
+    return geometry.spectra_title([s.geometry for s in spectra])
+
+
 def _write_plot(path, spectra, checkpoint, skip_1x1, log_scale, log_rank):
     shown = [s for s in spectra if not (skip_1x1 and s.is_1x1)]
     if not shown:
         print(f"No layer left to plot (all {len(spectra)} are 1x1 convs); no {path}",
               file=sys.stderr)
         return None
-    title = f"{os.path.basename(os.path.normpath(checkpoint))}: singular values per layer"
+    title = (f"{os.path.basename(os.path.normpath(checkpoint))}: "
+             f"{_operator_description(spectra)}")
     if skip_1x1:
         title += " (1x1 convs skipped)"
     figure = plotting.plot_spectra(
@@ -311,7 +330,8 @@ def main(argv):
                 format=None if FLAGS.format == "auto" else FLAGS.format,
                 architecture=FLAGS.architecture, depth=FLAGS.depth,
                 image_size=FLAGS.image_size, layers=FLAGS.layers, skip_1x1=FLAGS.skip_1x1,
-                dtype=FLAGS.dtype, log_scale=FLAGS.log_scale, log_rank=FLAGS.log_rank)
+                dtype=FLAGS.dtype, log_scale=FLAGS.log_scale, log_rank=FLAGS.log_rank,
+                bound_iterations=FLAGS.bound_iterations)
     except (checkpoints.CheckpointError, FileNotFoundError) as error:
         # The message names the file and the first mismatching variable; a TF
         # traceback would only bury it.

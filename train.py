@@ -91,6 +91,11 @@ class TrainConfig:
     clip_to: float = None          # None: the baseline, no projection
     clip_every: int = tfcn_callbacks.DEFAULT_EVERY_N_STEPS
     clip_method: str = tfcn_callbacks.DEFAULT_CLIPPER_METHOD
+    # Which operator the periodic projections act on: "layer" (each conv's own
+    # zero padding: the bound then holds for the layer the model computes) or
+    # "circular" (the published experiment: the circular operator at the
+    # layer's input size). The final projection is always "layer".
+    clip_boundary: str = tfcn_geometry.BOUNDARY_LAYER
     # The projection that ends training. "alternating" guarantees every conv
     # ends within clip_to * (1 + 1e-4); "paper" (the published single clip,
     # also used every clip_every steps) may leave norms above clip_to.
@@ -182,6 +187,8 @@ def validate_config(config):
     for name in ("clip_method", "final_clip_method"):
         if getattr(config, name) not in tfcn_spectral.METHODS:
             bad(name, f"one of {tfcn_spectral.METHODS}")
+    if config.clip_boundary not in tfcn_geometry.BOUNDARIES:
+        bad("clip_boundary", f"one of {tfcn_geometry.BOUNDARIES}")
     if config.strategy not in STRATEGIES:
         bad("strategy", f"one of {STRATEGIES}")
     if config.progress not in PROGRESS:
@@ -407,13 +414,14 @@ class _SessionRecorder(keras.callbacks.Callback):
 
 
 def operator_norms(model):
-    """{kernel path: (kind, exact operator norm of its circular operator)} for every operator."""
-    norms = {}
-    for op in tfcn_geometry.model_geometry(model):
-        value = op.to_spectral(tf.convert_to_tensor(op.variable.value))
-        norm = tfcn_spectral.conv_operator_norm(value, **op.geometry.spectral_kwargs())
-        norms[op.name] = (op.geometry.kind, float(norm))
-    return norms
+    """{kernel path: (kind, lower, upper)}: a certified interval for the norm of
+    every operator layer as the model computes it (its own zero padding)."""
+    operators = tfcn_geometry.model_geometry(model)
+    kernels = [op.to_spectral(tf.convert_to_tensor(op.variable.value)) for op in operators]
+    bounds = tfcn_spectral.conv_operator_norm_bounds_many(
+        kernels, [op.geometry for op in operators])
+    return {op.name: (op.geometry.kind, float(b.lower), float(b.upper))
+            for op, b in zip(operators, bounds)}
 
 
 def build_model(config):
@@ -487,9 +495,10 @@ def train_and_evaluate(config, model_dir):
             # Conv kernels only, as in the paper: the dense classifier is left free.
             clipper = tfcn_callbacks.OperatorNormClipper(
                 config.clip_to, every_n_steps=config.clip_every, method=config.clip_method,
-                kinds=tfcn_geometry.CONV_KINDS)
+                kinds=tfcn_geometry.CONV_KINDS, boundary=config.clip_boundary)
             final = clipper
-            if config.final_clip_method != config.clip_method:
+            if (config.final_clip_method != config.clip_method
+                    or config.clip_boundary != tfcn_geometry.BOUNDARY_LAYER):
                 final = tfcn_callbacks.OperatorNormClipper(
                     config.clip_to, method=config.final_clip_method,
                     kinds=tfcn_geometry.CONV_KINDS)
@@ -523,7 +532,7 @@ def train_and_evaluate(config, model_dir):
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
-    conv_norms = [n for kind, n in norms.values() if kind in tfcn_geometry.CONV_KINDS]
+    conv_norms = [upper for kind, _, upper in norms.values() if kind in tfcn_geometry.CONV_KINDS]
     final_projection = None
     if finish.norms:
         before, after = zip(*finish.norms.values())
@@ -544,8 +553,10 @@ def train_and_evaluate(config, model_dir):
         "num_test_examples": num_test,
         "num_params": int(model.count_params()),
         "clip_to": config.clip_to,
-        "operator_norms": {name: n for name, (_, n) in norms.items()},
-        "operator_kinds": {name: kind for name, (kind, _) in norms.items()},
+        # Certified: lower <= each layer's norm (with its zero padding) <= upper.
+        "operator_norms": {name: upper for name, (_, _, upper) in norms.items()},
+        "operator_norm_lower_bounds": {name: lower for name, (_, lower, _) in norms.items()},
+        "operator_kinds": {name: kind for name, (kind, _, _) in norms.items()},
         "max_conv_operator_norm": max(conv_norms) if conv_norms else None,
         "max_conv_norm_over_bound": (max(conv_norms) / config.clip_to
                                      if config.clip_to and conv_norms else None),
@@ -602,6 +613,10 @@ def define_flags(flag_values=flags.FLAGS):
                          flag_values=fv)
     flags.DEFINE_string("clip_method", d.clip_method, f"Projection method, one of "
                         f"{tfcn_spectral.METHODS}.", flag_values=fv)
+    flags.DEFINE_string("clip_boundary", d.clip_boundary, "Operator the periodic projections "
+                        "act on: 'layer' (each conv's own zero padding, so the bound holds for "
+                        "the real layer) or 'circular' (the published experiment's operator). "
+                        "The final projection always uses 'layer'.", flag_values=fv)
     flags.DEFINE_string("final_clip_method", d.final_clip_method, "Method of the projection "
                         "that ends training: 'alternating' guarantees the bound, 'paper' is the "
                         "published protocol throughout.", flag_values=fv)

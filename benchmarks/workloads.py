@@ -111,9 +111,11 @@ def conv_layer(k, n, c_in, c_out, rng, name=None, strides=1):
 
 
 def _layers_of_model(model):
-    """The 2-D convs of a built Keras model as `Layer`s (current kernel values)."""
+    """The 2-D convs of a built Keras model as `Layer`s (current kernel values), with
+    the published operator's geometry (circular at the layer's input size), which
+    the published methods compute."""
     layers = []
-    for op in geometry_lib.model_geometry(model):
+    for op in geometry_lib.model_geometry(model, boundary="circular"):
         geometry = op.geometry
         if geometry.kind == "dense" or len(geometry.kernel_shape) != 4:
             continue
@@ -731,7 +733,9 @@ def clip(config):
     import keras  # pylint: disable=g-import-not-at-top
     from tfconvnorm import callbacks  # pylint: disable=g-import-not-at-top
     model = (config.train_model or (lambda: resnet32_model(config.seed)))()
-    operators = geometry_lib.model_geometry(model, kinds=geometry_lib.CONV_KINDS)
+    # The published operator, as the published clip it is compared with.
+    operators = geometry_lib.model_geometry(model, kinds=geometry_lib.CONV_KINDS,
+                                            boundary="circular")
     variables = [op.variable for op in operators]
     initial = [np.array(v.numpy()) for v in variables]
 

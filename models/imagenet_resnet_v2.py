@@ -237,20 +237,22 @@ def has_classifier(names):
     return any(n == "predictions" or re.match(r"^dense(_\d+)?$", n) for n in names)
 
 
-def resnet_v2_layer_set(depth_or_name=50, image_size=DEFAULT_IMAGE_SIZE, include_dense=False):
+def resnet_v2_layer_set(depth_or_name=50, image_size=DEFAULT_IMAGE_SIZE, include_dense=False,
+                        boundary=geometry_lib.BOUNDARY_LAYER):
     """The linear operators of an ImageNet ResNet V2 as `(name, kernel_shape, geometry)`.
 
     `name` is the Keras kernel path (`"conv2_block1_2_conv/kernel"`),
     `kernel_shape` the shape in the spectral core's layout and `geometry` a
     `tfconvnorm.geometry.ConvGeometry`: `conv_singular_values(kernel,
     **geometry.spectral_kwargs())` gives a layer's spectrum. Convs only unless
-    `include_dense` (53 convs for ResNet50V2). Where a stride does not
+    `include_dense` (53 convs for ResNet50V2). `boundary`: as for
+    `tfconvnorm.model_geometry`; with "circular", where a stride does not
     divide an input size (e.g. at 299) the layer's geometry uses the next
     size it divides and is marked `approximate`.
     """
     model = build_resnet_v2(depth_or_name, image_size)
     return [(op.name, tuple(op.geometry.kernel_shape), op.geometry)
-            for op in geometry_lib.model_geometry(model, round_up=True)
+            for op in geometry_lib.model_geometry(model, round_up=True, boundary=boundary)
             if include_dense or op.geometry.kind != "dense"]
 
 

@@ -41,3 +41,12 @@ def store_tiny_cifar10(data_dir, num_train=32, num_test=8, seed=0):
 def tiny_cifar10_writer():
     """`store_tiny_cifar10`, for tests and fixtures of any scope."""
     return store_tiny_cifar10
+
+
+@pytest.fixture
+def rng(request):
+    """A NumPy generator seeded from the test's own id: each test's data is fixed
+    and does not depend on which tests ran before it (or on xdist's scheduling)."""
+    import zlib  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

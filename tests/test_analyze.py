@@ -1,8 +1,12 @@
 """End-to-end tests of analyze.py: each input kind created locally and small.
 
-For every kind the spectra in spectra.npz must equal `conv_singular_values`
-of the same kernels with geometry written out here by hand (input sizes and
-strides included), so a wrong geometry anywhere in the chain fails.
+For every kind the geometry in spectra.npz (input size, strides, padding,
+embedding size N) is written out here by hand, and the spectra and norm
+bounds are checked against explicit matrices: the spectrum equals the
+circular operator's on N (cut to the layer's count), and it and the certified
+interval bound the zero-padded layer's own matrix. Layers too large for an
+explicit matrix are checked against `conv_singular_values` of the hand-written
+geometry instead, so a wrong geometry anywhere in the chain fails.
 """
 
 import csv
@@ -30,18 +34,46 @@ def load_npz(output_dir):
         names = [str(n) for n in data["names"]]
         return {name: {"sv": data[f"sv/{i}"], "strides": tuple(data[f"strides/{i}"]),
                        "input_shape": tuple(data[f"input_shape/{i}"]),
+                       "embedding": tuple(data[f"embedding_shape/{i}"]),
+                       "padding": str(data["padding"][i]),
+                       "lower": float(data["sigma_max_lower"][i]),
+                       "upper": float(data["sigma_max_upper"][i]),
                        "approximate": bool(data["approximate"][i])}
                 for i, name in enumerate(names)}
 
 
-def check_spectrum(entry, kernel, input_shape, strides=1, groups=1, rtol=0.0):
-    expected = tfconvnorm.conv_singular_values(
-        np.asarray(kernel, np.float32), input_shape, strides=strides, groups=groups).numpy()
-    if rtol:
-        np.testing.assert_allclose(entry["sv"], expected, rtol=rtol)
-    else:
+# Explicit matrices up to this many entries (float64) are the oracle.
+EXPLICIT_LIMIT = 20_000_000
+
+
+def check_spectrum(entry, kernel, input_shape, strides=1, padding="same", embedding=None):
+    """`entry` (from spectra.npz) against the layer's hand-written geometry."""
+    kernel = np.asarray(kernel, np.float64)
+    assert entry["input_shape"] == tuple(input_shape) and not entry["approximate"]
+    assert entry["lower"] <= entry["upper"]
+    if kernel.ndim == 2:  # Dense: the matrix itself
+        np.testing.assert_allclose(entry["sv"], np.linalg.svd(kernel, compute_uv=False),
+                                   rtol=1e-5)
+        assert entry["lower"] <= np.linalg.norm(kernel, 2) <= entry["upper"]
+        return
+    assert entry["padding"] == padding and entry["embedding"] == tuple(embedding)
+    rank = kernel.ndim - 2
+    s = (strides,) * rank if isinstance(strides, int) else strides
+    rows = np.prod(embedding) // np.prod(s) * kernel.shape[-1]
+    if rows * np.prod(embedding) * kernel.shape[-2] > EXPLICIT_LIMIT:
+        expected = tfconvnorm.conv_singular_values(
+            kernel.astype(np.float32), input_shape, strides, padding=padding).numpy()
         np.testing.assert_array_equal(entry["sv"], expected)
-    assert entry["input_shape"] == tuple(np.broadcast_to(input_shape, len(entry["input_shape"])))
+        return
+    circular = np.linalg.svd(reference.explicit_operator_matrix(kernel, embedding, strides),
+                             compute_uv=False)
+    layer = np.linalg.svd(reference.explicit_padded_operator_matrix(
+        kernel, input_shape, strides, padding=padding), compute_uv=False)
+    assert len(entry["sv"]) == len(layer)
+    np.testing.assert_allclose(entry["sv"], circular[:len(layer)], rtol=1e-5,
+                               atol=1e-6 * circular[0])
+    assert np.all(layer <= entry["sv"] * (1 + 1e-5))
+    assert entry["lower"] <= layer[0] <= entry["upper"]
 
 
 def check_outputs(result, output_dir, layer_count):
@@ -81,15 +113,19 @@ def test_keras_model_file(keras_file, tmp_path, capsys):
     assert result["format"] == "keras"
     check_outputs(result, str(tmp_path), 4)
     spectra = load_npz(str(tmp_path))
-    check_spectrum(spectra["conv_a/kernel"], weights["conv_a/kernel"], (15, 15))
-    check_spectrum(spectra["conv_b/kernel"], weights["conv_b/kernel"], (16, 16), strides=2)
-    check_spectrum(spectra["pointwise/kernel"], weights["pointwise/kernel"], (8, 8))
+    # 'same' on 15 pads (1, 1): N = 16; stride 2 pads (1, 1) too and 16 is even.
+    check_spectrum(spectra["conv_a/kernel"], weights["conv_a/kernel"], (15, 15),
+                   embedding=(16, 16))
+    check_spectrum(spectra["conv_b/kernel"], weights["conv_b/kernel"], (15, 15), strides=2,
+                   embedding=(16, 16))
+    check_spectrum(spectra["pointwise/kernel"], weights["pointwise/kernel"], (8, 8),
+                   padding="valid", embedding=(8, 8))
     check_spectrum(spectra["head/kernel"], weights["head/kernel"], ())
-    assert spectra["conv_b/kernel"]["approximate"] and not spectra["conv_a/kernel"]["approximate"]
     printed = capsys.readouterr().out
-    assert "conv_b/kernel" in printed and "16x16*" in printed and "approximate" in printed
+    assert "conv_b/kernel" in printed and "16x16" in printed and "*" not in printed
+    assert "certified" in printed
     assert result["product_of_sigma_max"] == pytest.approx(
-        np.prod([s["sv"][0] for s in spectra.values()]))
+        np.prod([s["upper"] for s in spectra.values()]))
 
 
 def test_layers_regex_and_float64(keras_file, tmp_path):
@@ -133,13 +169,16 @@ def test_tf2_checkpoint_from_train(train_dir, tmp_path):
     weights = {v.path: v.numpy() for v in restored.weights}
     spectra = load_npz(str(tmp_path))
     # Digits are 32x32x1; stages at 32, 32 -> 16 (stride 2), 16 -> 8 (stride 2).
-    check_spectrum(spectra["stem_conv/kernel"], weights["stem_conv/kernel"], (32, 32))
+    # 'same' 3x3: N = n + 1 (stride 1), 34 on 32 (stride 2); a 1x1 stride-2 conv: none.
+    check_spectrum(spectra["stem_conv/kernel"], weights["stem_conv/kernel"], (32, 32),
+                   embedding=(33, 33))
     check_spectrum(spectra["stage2_block1_conv1/kernel"], weights["stage2_block1_conv1/kernel"],
-                   (32, 32), strides=2)
+                   (32, 32), strides=2, embedding=(34, 34))
     check_spectrum(spectra["stage2_block1_shortcut/kernel"],
-                   weights["stage2_block1_shortcut/kernel"], (32, 32), strides=2)
+                   weights["stage2_block1_shortcut/kernel"], (32, 32), strides=2,
+                   embedding=(32, 32))
     check_spectrum(spectra["stage3_block1_conv2/kernel"], weights["stage3_block1_conv2/kernel"],
-                   (8, 8))
+                   (8, 8), embedding=(9, 9))
     check_spectrum(spectra["logits/kernel"], weights["logits/kernel"], ())
 
 
@@ -179,15 +218,12 @@ def test_tf1_meta_checkpoint(tf1_prefix, tmp_path):
     reader = tf.train.load_checkpoint(tf1_prefix)
     k1 = reader.get_tensor("resnet_model/conv2d/kernel")
     spectra = load_npz(str(tmp_path))
-    check_spectrum(spectra["resnet_model/conv2d/kernel"], k1, (6, 6), strides=2)
+    # SAME stride 2 on 6: pads (0, 1), so 7, and 8 for the stride.
+    check_spectrum(spectra["resnet_model/conv2d/kernel"], k1, (6, 6), strides=2,
+                   embedding=(8, 8))
     assert spectra["resnet_model/conv2d/kernel"]["strides"] == (2, 2)
     check_spectrum(spectra["resnet_model/conv2d_1/kernel"],
-                   reader.get_tensor("resnet_model/conv2d_1/kernel"), (3, 3))
-    # And against the explicit operator matrix of the strided conv.
-    explicit = np.sort(reference.explicit_singular_values(k1.astype(np.float64), (6, 6),
-                                                          strides=2))[::-1]
-    got = spectra["resnet_model/conv2d/kernel"]["sv"]
-    np.testing.assert_allclose(got, explicit[:got.shape[0]], rtol=1e-5, atol=1e-6)
+                   reader.get_tensor("resnet_model/conv2d_1/kernel"), (3, 3), embedding=(3, 3))
 
 
 # ---------------------------------------------------------------------------
@@ -233,7 +269,8 @@ def slim_checkpoint(tmp_path_factory):
     return prefix, tensors
 
 
-# At 64x64 the padded inputs are 70 (stem), 18, 10, 6 and 4 for the 3x3 convs.
+# At 64x64 the padded inputs are 70 (stem), 18, 10, 6 and 4 for the 3x3 convs
+# (Keras pads explicitly, then 'valid': N is the input size itself).
 SLIM_CHECKS = {
     "resnet_v2_50/conv1/weights": ((70, 70), 2),
     "resnet_v2_50/block1/unit_1/bottleneck_v2/shortcut/weights": ((16, 16), 1),
@@ -252,7 +289,7 @@ def test_slim_resnet_v2_50(slim_checkpoint, tmp_path):
     check_outputs(result, str(tmp_path), len(SLIM_CHECKS) + 1)
     spectra = load_npz(str(tmp_path))
     for name, (size, stride) in SLIM_CHECKS.items():
-        check_spectrum(spectra[name], tensors[name], size, strides=stride)
+        check_spectrum(spectra[name], tensors[name], size, stride, "valid", size)
         assert spectra[name]["strides"] == (stride, stride)
     # The classifier as stored: 2048 -> 1001 (background class included).
     check_spectrum(spectra["resnet_v2_50/logits/weights"],
@@ -276,7 +313,7 @@ def test_slim_resnet_v2_50_every_layer(slim_checkpoint, tmp_path):
     assert len(spectra) == 54  # 53 convs + logits
     assert sum(1 for s in spectra.values() if s["strides"] == (2, 2)) == 4
     for name, (size, stride) in SLIM_CHECKS.items():
-        check_spectrum(spectra[name], tensors[name], size, strides=stride)
+        check_spectrum(spectra[name], tensors[name], size, stride, "valid", size)
     assert np.isfinite(result["product_of_sigma_max"])
 
 
@@ -325,7 +362,7 @@ def test_keras_applications_h5(applications_model, tmp_path, kind):
     weights = {v.path: v.numpy() for v in applications_model.weights}
     spectra = load_npz(output_dir)
     for name, (size, stride) in H5_CHECKS.items():
-        check_spectrum(spectra[name], weights[name], size, strides=stride)
+        check_spectrum(spectra[name], weights[name], size, stride, "valid", size)
 
 
 # ---------------------------------------------------------------------------
@@ -346,7 +383,8 @@ def test_binary_end_to_end(keras_file, tmp_path):
     assert "PRODUCT" not in done.stdout and "product of sigma_max" in done.stdout
     assert "conv_b/kernel" in done.stdout
     spectra = load_npz(str(tmp_path))
-    check_spectrum(spectra["conv_b/kernel"], weights["conv_b/kernel"], (16, 16), strides=2)
+    check_spectrum(spectra["conv_b/kernel"], weights["conv_b/kernel"], (15, 15), strides=2,
+                   embedding=(16, 16))
 
 
 def test_binary_errors_without_traceback(keras_file, tmp_path):

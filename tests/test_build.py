@@ -12,7 +12,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Python that belongs to the project (setup.py is packaging, not a target).
-SOURCE_GLOBS = ["tfconvnorm/*.py", "models/*.py", "benchmarks/*.py", "*.py", "tests/*.py"]
+SOURCE_GLOBS = ["tfconvnorm/**/*.py", "models/*.py", "benchmarks/*.py", "*.py", "tests/*.py"]
 NOT_TARGETS = {"setup.py"}
 
 

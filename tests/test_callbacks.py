@@ -1,7 +1,10 @@
 """Tests for tfconvnorm.callbacks: OperatorNormClipper and SpectrumLogger.
 
-Oracle: the spectral core (`clip_conv_singular_values`, `conv_singular_values`)
-applied to kernels recorded by independent callbacks around the one tested.
+Kernels are recorded by independent callbacks around the one tested. Norms
+and spectra are checked against explicit matrices (`oracles`: the layer as the
+model computes it, and the circular operator on its embedding size); that a
+projection is the core's (`clip_conv_singular_values`) is plumbing, checked
+as such.
 """
 
 import os
@@ -16,8 +19,7 @@ import tfconvnorm
 from tfconvnorm import geometry
 from tfconvnorm.callbacks import (OperatorNormClipper, SpectrumLogger, SPECTRA_SUBDIR,
                                   make_projection_fn)
-
-RNG = np.random.default_rng(1)
+import oracles
 
 
 def _model():
@@ -33,9 +35,9 @@ def _model():
     return model
 
 
-def _data(n):
-    return (RNG.standard_normal((n, 8, 8, 2)).astype(np.float32),
-            RNG.standard_normal((n, 2)).astype(np.float32))
+def _data(rng, n):
+    return (rng.standard_normal((n, 8, 8, 2)).astype(np.float32),
+            rng.standard_normal((n, 2)).astype(np.float32))
 
 
 class _KernelRecorder(keras.callbacks.Callback):
@@ -58,17 +60,15 @@ def _clip(op, kernel, max_norm, method):
     return op.from_spectral(clipped).numpy()
 
 
-def _norm(op, kernel):
-    return float(tfconvnorm.conv_operator_norm(op.to_spectral(tf.constant(kernel)),
-                                               **op.geometry.spectral_kwargs()))
+_norm = oracles.true_norm
 
 
-@pytest.mark.parametrize("method", ["alternating", "paper"])
-def test_clipper_projects_at_steps_3_6_9_and_not_between(method):
+@pytest.mark.parametrize("method", ["alternating", "paper", "exact"])
+def test_clipper_projects_at_steps_3_6_9_and_not_between(method, rng):
     model = _model()
     before, after = _KernelRecorder(), _KernelRecorder()
     clipper = OperatorNormClipper(0.4, every_n_steps=3, method=method)
-    model.fit(*_data(40), batch_size=4, epochs=1, verbose=0,
+    model.fit(*_data(rng, 40), batch_size=4, epochs=1, verbose=0,
               callbacks=[before, clipper, after])
     operators = geometry.model_geometry(model)
     assert sorted(after.kernels) == list(range(1, 11))
@@ -80,7 +80,7 @@ def test_clipper_projects_at_steps_3_6_9_and_not_between(method):
             else:
                 np.testing.assert_allclose(post, _clip(op, pre, 0.4, method), rtol=1e-5,
                                            atol=1e-6, err_msg=f"{op.name} step {step}")
-                if method == "alternating":
+                if method != "paper":  # the real layer's norm, padding included
                     assert _norm(op, post) <= 0.4 * (1 + 1e-4)
     # Training moved the norms above the bound between projections, so the
     # test above had something to see.
@@ -89,18 +89,31 @@ def test_clipper_projects_at_steps_3_6_9_and_not_between(method):
     assert drift > 0.4 * 1.01
     last = clipper.last_projection
     assert last["step"] == 9 and last["names"] == [op.name for op in operators]
+    # The logged norms are the upper bounds: the circular operators on N.
     np.testing.assert_allclose(
-        last["before"], [_norm(op, before.kernels[9][op.name]) for op in operators], rtol=1e-5)
+        last["before"], [oracles.circular_norm(op, before.kernels[9][op.name])
+                         for op in operators], rtol=1e-5)
     np.testing.assert_allclose(
-        last["after"], [_norm(op, after.kernels[9][op.name]) for op in operators], rtol=1e-5)
+        last["after"], [oracles.circular_norm(op, after.kernels[9][op.name])
+                        for op in operators], rtol=1e-5)
 
 
-def test_clipper_is_one_compiled_call_traced_once_per_model():
+def test_clipper_with_circular_boundary_projects_the_published_operator(rng):
+    model = _model()
+    clipper = OperatorNormClipper(0.4, every_n_steps=1, method="alternating",
+                                  boundary="circular")
+    model.fit(*_data(rng, 4), batch_size=4, epochs=1, verbose=0, callbacks=[clipper])
+    for op in geometry.model_geometry(model, boundary="circular"):
+        assert oracles.circular_norm(op) <= 0.4 * (1 + 1e-4)
+        assert op.geometry.embedding_shape == op.geometry.input_shape
+
+
+def test_clipper_is_one_compiled_call_traced_once_per_model(rng):
     model = _model()
     clipper = OperatorNormClipper(0.5, every_n_steps=2, layers=["conv", "depthwise"],
                                   method="alternating")
-    model.fit(*_data(16), batch_size=4, epochs=2, verbose=0, callbacks=[clipper])
-    model.fit(*_data(8), batch_size=4, epochs=1, verbose=0, callbacks=[clipper])
+    model.fit(*_data(rng, 16), batch_size=4, epochs=2, verbose=0, callbacks=[clipper])
+    model.fit(*_data(rng, 8), batch_size=4, epochs=1, verbose=0, callbacks=[clipper])
     _, operators, fn = clipper._cache  # pylint: disable=protected-access
     assert [op.layer.name for op in operators] == ["conv", "depthwise"]
     assert isinstance(fn, tf.types.experimental.PolymorphicFunction)
@@ -110,14 +123,14 @@ def test_clipper_is_one_compiled_call_traced_once_per_model():
     assert all(after <= 0.5 * (1 + 1e-4) for _, after in norms.values())
 
 
-def test_clipper_logs_norms_before_and_after(caplog):
+def test_clipper_logs_norms_before_and_after(caplog, rng):
     from absl import logging  # pylint: disable=import-outside-toplevel
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.INFO)
     model = _model()
     try:
         with caplog.at_level("INFO"):
-            model.fit(*_data(8), batch_size=4, verbose=0,
+            model.fit(*_data(rng, 8), batch_size=4, verbose=0,
                       callbacks=[OperatorNormClipper(0.5, every_n_steps=2, method="alternating")])
     finally:
         logging.set_verbosity(verbosity)
@@ -140,7 +153,7 @@ def test_projection_fn_is_all_or_nothing_on_non_finite_kernels():
     assert np.all(np.isnan(bad.numpy()))
 
 
-def test_clipper_bad_arguments():
+def test_clipper_bad_arguments(rng):
     with pytest.raises(ValueError, match=r"max_norm=-1"):
         OperatorNormClipper(-1)
     with pytest.raises(ValueError, match=r"every_n_steps=0"):
@@ -148,7 +161,8 @@ def test_clipper_bad_arguments():
     with pytest.raises(ValueError, match=r"method='svd'"):
         OperatorNormClipper(1.0, method="svd")
     with pytest.raises(ValueError, match=r"\['nope'\]"):
-        _model().fit(*_data(4), verbose=0, callbacks=[OperatorNormClipper(1.0, layers=["nope"])])
+        _model().fit(*_data(rng, 4), verbose=0,
+                     callbacks=[OperatorNormClipper(1.0, layers=["nope"])])
     with pytest.raises(ValueError, match="empty"):
         make_projection_fn([], 1.0)
 
@@ -160,11 +174,11 @@ def _read_events(directory):
     return accumulator
 
 
-def test_spectrum_logger_writes_exact_spectra_at_each_epoch(tmp_path):
+def test_spectrum_logger_writes_bounding_spectra_and_intervals_at_each_epoch(tmp_path, rng):
     model = _model()
     recorder = _KernelRecorder()
     log_dir = tmp_path / "logs"
-    model.fit(*_data(12), batch_size=4, epochs=2, verbose=0,
+    model.fit(*_data(rng, 12), batch_size=4, epochs=2, verbose=0,
               callbacks=[keras.callbacks.TensorBoard(str(log_dir)), recorder,
                          SpectrumLogger(str(log_dir))])
     assert sorted(os.listdir(log_dir)) == [SPECTRA_SUBDIR, "train"]
@@ -172,26 +186,32 @@ def test_spectrum_logger_writes_exact_spectra_at_each_epoch(tmp_path):
     operators = geometry.model_geometry(model)
     tags = set(events.Tags()["tensors"])
     for op in operators:
-        for prefix in ("spectrum", "sigma_max", "sigma_min", "condition_number"):
+        for prefix in ("spectrum", "sigma_max", "sigma_min", "condition_number",
+                       "sigma_max_lower", "sigma_max_upper"):
             assert f"{prefix}/{op.name}" in tags
     for op in operators:
         histograms = events.Tensors(f"spectrum/{op.name}")
         assert [e.step for e in histograms] == [3, 6]
         for event in histograms:
             kernel = recorder.kernels[event.step][op.name]
-            expected = tfconvnorm.conv_singular_values(op.to_spectral(tf.constant(kernel)),
-                                                       **op.geometry.spectral_kwargs()).numpy()
+            expected, layer = oracles.bounding_spectrum(op, kernel)
             buckets = tf.make_ndarray(event.tensor_proto)  # (bucket, [left, right, count])
-            assert buckets[:, 2].sum() == expected.size
+            assert buckets[:, 2].sum() == expected.size == layer.size
             assert buckets[0, 0] == pytest.approx(expected[-1], rel=1e-5)
             assert buckets[-1, 1] == pytest.approx(expected[0], rel=1e-5)
             scalars = {prefix: float(tf.make_ndarray(
                 events.Tensors(f"{prefix}/{op.name}")[[3, 6].index(event.step)].tensor_proto))
-                for prefix in ("sigma_max", "sigma_min", "condition_number")}
+                for prefix in ("sigma_max", "sigma_min", "condition_number",
+                               "sigma_max_lower", "sigma_max_upper")}
             assert scalars["sigma_max"] == pytest.approx(expected[0], rel=1e-5)
             assert scalars["sigma_min"] == pytest.approx(expected[-1], rel=1e-5)
             assert scalars["condition_number"] == pytest.approx(expected[0] / expected[-1],
                                                                 rel=1e-4)
+            # The certified interval holds for the real layer (float32 summaries).
+            true = layer[0]
+            assert scalars["sigma_max_lower"] <= true * (1 + 1e-7)
+            assert true <= scalars["sigma_max_upper"] * (1 + 1e-7)
+            assert scalars["sigma_max_lower"] >= 0.9 * true
     pytest.importorskip("matplotlib")
     images = events.Tensors("spectra")
     assert [e.step for e in images] == [3, 6]
@@ -199,18 +219,18 @@ def test_spectrum_logger_writes_exact_spectra_at_each_epoch(tmp_path):
     assert int(width) > 100 and int(height) > 100 and png.startswith(b"\x89PNG")
 
 
-def test_spectrum_logger_every_n_steps_and_layer_selection(tmp_path):
+def test_spectrum_logger_every_n_steps_and_layer_selection(tmp_path, rng):
     model = _model()
     logger = SpectrumLogger(str(tmp_path), every_n_epochs=None, every_n_steps=2,
-                            layers=["strided"], log_image=False)
-    model.fit(*_data(20), batch_size=4, epochs=1, verbose=0, callbacks=[logger])
+                            layers=["strided"], log_image=False, log_bounds=False)
+    model.fit(*_data(rng, 20), batch_size=4, epochs=1, verbose=0, callbacks=[logger])
     events = _read_events(str(tmp_path / SPECTRA_SUBDIR))
     (name,) = [op.name for op in geometry.model_geometry(model, layers=["strided"])]
     assert set(events.Tags()["tensors"]) == {f"{p}/{name}" for p in (
         "spectrum", "sigma_max", "sigma_min", "condition_number")}
     assert [e.step for e in events.Tensors(f"sigma_max/{name}")] == [2, 4]
     spectra = logger.log_now()
-    assert list(spectra) == [name]
+    assert list(spectra) == [name] and logger.last_bounds is None
 
 
 def test_spectrum_logger_bad_arguments():

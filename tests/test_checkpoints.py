@@ -1,8 +1,9 @@
 """Tests of tfconvnorm/checkpoints.py: every reader on small local files, and the outputs.
 
-Geometry expectations are written out by hand (input size, strides, ...), and
-spectra are checked against `conv_singular_values` of the same kernels (and
-the explicit operator matrix for a TF1 conv), so the readers are not checked
+Geometry expectations are written out by hand (input size, strides, padding,
+embedding size, ...), and spectra and norm bounds are checked against the
+explicit matrices of `reference` (the circular operator on the embedding
+size, and the zero-padded layer itself), so the readers are not checked
 against themselves.
 """
 
@@ -24,7 +25,7 @@ def tiny_model(channels=8, extra_layer=False):
     inputs = keras.Input((15, 15, 3))
     x = keras.layers.Conv2D(channels, 3, padding="same", name="c1")(inputs)
     x = keras.layers.BatchNormalization(name="bn")(x)
-    # 15 is odd: the stride-2 conv is computed at 16 and marked approximate.
+    # 15 is odd: the stride-2 'valid' conv embeds into a circular one on 16.
     x = keras.layers.Conv2D(4, 3, strides=2, name="c2")(x)
     x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="dw")(x)
     if extra_layer:
@@ -34,20 +35,21 @@ def tiny_model(channels=8, extra_layer=False):
     return keras.Model(inputs, outputs)
 
 
-# Hand-written geometry of tiny_model: name -> (input size, strides, groups, kind, approximate).
+# Hand-written geometry of tiny_model:
+# name -> (input size, strides, groups, kind, padding, embedding size N).
 TINY_GEOMETRY = {
-    "c1/kernel": ((15, 15), (1, 1), 1, "conv", False),
-    "c2/kernel": ((16, 16), (2, 2), 1, "conv", True),
-    "dw/kernel": ((7, 7), (1, 1), 4, "depthwise", False),
-    "d/kernel": ((), (), 1, "dense", False),
+    "c1/kernel": ((15, 15), (1, 1), 1, "conv", "same", (16, 16)),   # pads (1, 1)
+    "c2/kernel": ((15, 15), (2, 2), 1, "conv", "valid", (16, 16)),  # 7 outputs * 2 > 15
+    "dw/kernel": ((7, 7), (1, 1), 4, "depthwise", "valid", (7, 7)),
+    "d/kernel": ((), (), 1, "dense", "dense", ()),
 }
 
 
 def check_tiny_record(record, name, model):
-    size, strides, groups, kind, approximate = TINY_GEOMETRY[name]
+    size, strides, groups, kind, padding, embedding = TINY_GEOMETRY[name]
     g = record.geometry
-    assert (g.input_shape, g.strides, g.groups, g.kind, g.approximate) == (
-        size, strides, groups, kind, approximate), name
+    assert (g.input_shape, g.strides, g.groups, g.kind, g.padding, g.embedding_shape,
+            g.approximate) == (size, strides, groups, kind, padding, embedding, False), name
     expected = {v.path: v for v in model.weights}[name].numpy()
     if kind == "depthwise":  # (k, k, c, m) -> (k, k, 1, c * m)
         expected = expected.reshape(3, 3, 1, 8)
@@ -178,6 +180,9 @@ def write_tf1_graph(prefix, save_all=True):
         nchw = tf.compat.v1.placeholder(tf.float32, [None, 3, 8, 8], name="nchw")
         w4 = tf.compat.v1.get_variable("net/conv4/kernel", [3, 3, 3, 6])
         tf.nn.conv2d(nchw, w4, strides=[1, 1, 2, 2], padding="VALID", data_format="NCHW")
+        w5 = tf.compat.v1.get_variable("net/conv5/kernel", [2, 3, 3, 2])
+        tf.nn.conv2d(nchw, w5, strides=[1, 1, 1, 2], data_format="NCHW",
+                     padding=[[0, 0], [0, 0], [1, 2], [0, 1]])
         # Gradients hold Conv2DBackpropInput ops that are not layers.
         tf.compat.v1.gradients(tf.reduce_sum(y), [images])
         variables = tf.compat.v1.global_variables()
@@ -188,12 +193,13 @@ def write_tf1_graph(prefix, save_all=True):
     return prefix
 
 
-# name -> (kernel shape (conv layout), input size, strides, dilation, groups, approximate)
+# name -> (kernel shape (conv layout), input size, strides, dilation, groups, padding)
 TF1_GEOMETRY = {
-    "net/conv1/kernel": ((3, 3, 3, 4), (14, 14), (2, 2), (1, 1), 1, True),
-    "net/dw/kernel": ((3, 3, 1, 8), (7, 7), (1, 1), (1, 1), 4, False),
-    "net/conv3/kernel": ((3, 3, 8, 5), (7, 7), (1, 1), (2, 2), 1, False),
-    "net/conv4/kernel": ((3, 3, 3, 6), (8, 8), (2, 2), (1, 1), 1, False),
+    "net/conv1/kernel": ((3, 3, 3, 4), (13, 13), (2, 2), (1, 1), 1, "same"),
+    "net/dw/kernel": ((3, 3, 1, 8), (7, 7), (1, 1), (1, 1), 4, "same"),
+    "net/conv3/kernel": ((3, 3, 8, 5), (7, 7), (1, 1), (2, 2), 1, "same"),
+    "net/conv4/kernel": ((3, 3, 3, 6), (8, 8), (2, 2), (1, 1), 1, "valid"),
+    "net/conv5/kernel": ((2, 3, 3, 2), (8, 8), (1, 2), (1, 1), 1, ((1, 2), (0, 1))),
 }
 
 
@@ -209,22 +215,32 @@ def test_tf1_meta_checkpoint(tf1_prefix):
     assert [r.name for r in records] == list(TF1_GEOMETRY)
     reader = tf.train.load_checkpoint(tf1_prefix)
     for record in records:
-        shape, size, strides, dilation, groups, approximate = TF1_GEOMETRY[record.name]
+        shape, size, strides, dilation, groups, padding = TF1_GEOMETRY[record.name]
         g = record.geometry
         assert (g.kernel_shape, g.input_shape, g.strides, g.dilation_rate, g.groups,
-                g.approximate) == (shape, size, strides, dilation, groups, approximate)
+                g.padding, g.approximate) == (shape, size, strides, dilation, groups, padding,
+                                              False)
         np.testing.assert_array_equal(record.kernel,
                                       reader.get_tensor(record.name).reshape(shape))
-    assert records[3].geometry.padding == "valid"
 
 
-def test_tf1_spectrum_matches_explicit_operator(tf1_prefix):
-    record = checkpoints.read_tf1_meta_checkpoint(tf1_prefix)[3]  # NCHW, stride 2, 8x8
-    spectrum = checkpoints.layer_spectra([record], dtype="float64")[0].singular_values
-    explicit = reference.explicit_singular_values(record.kernel.astype(np.float64),
-                                                  (8, 8), strides=2)
-    explicit = np.sort(explicit)[::-1][:spectrum.shape[0]]
-    np.testing.assert_allclose(spectrum, explicit, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("index", [0, 3, 4])  # SAME stride 2 on 13; NCHW VALID; EXPLICIT
+def test_tf1_spectra_bound_the_op_itself(tf1_prefix, index):
+    """The op's own padding and data format: the spectrum is the circular one on
+    N, and it and the norm interval bound the op's explicit matrix."""
+    record = checkpoints.read_tf1_meta_checkpoint(tf1_prefix)[index]
+    shape, size, strides, dilation, groups, padding = TF1_GEOMETRY[record.name]
+    (spectrum,) = checkpoints.layer_spectra([record], dtype="float64")
+    kernel = record.kernel.astype(np.float64)
+    c_in, c_out = shape[-2] * groups, shape[-1]
+    circular = reference.grouped_singular_values(reference.explicit_operator_matrix(
+        kernel, record.geometry.embedding_shape, strides, dilation, groups), c_out, c_in, groups)
+    layer = reference.grouped_singular_values(reference.explicit_padded_operator_matrix(
+        kernel, size, strides, dilation, groups, padding), c_out, c_in, groups)
+    assert spectrum.count == len(layer)
+    np.testing.assert_allclose(spectrum.singular_values, circular[:len(layer)], rtol=1e-8)
+    assert np.all(layer <= spectrum.singular_values * (1 + 1e-9))
+    assert spectrum.sigma_max_lower <= layer[0] <= spectrum.sigma_max_upper
 
 
 def test_tf1_unknown_input_size_needs_image_size(tmp_path):
@@ -347,21 +363,37 @@ def test_spectra_and_output_files(tmp_path, model):
     records = checkpoints.model_records(model)
     spectra = checkpoints.layer_spectra(records)
     for record, spectrum in zip(records, spectra):
-        size, strides, groups, _, _ = TINY_GEOMETRY[record.name]
-        expected = tfconvnorm.conv_singular_values(record.kernel, size, strides=strides or 1,
-                                                   groups=groups).numpy()
-        np.testing.assert_array_equal(spectrum.singular_values, expected)
-        assert spectrum.sigma_max == expected[0] and spectrum.count == expected.shape[0]
+        size, strides, groups, kind, padding, embedding = TINY_GEOMETRY[record.name]
+        kernel = record.kernel.astype(np.float64)
+        c_out = kernel.shape[-1]
+        c_in = kernel.shape[-2] * groups
+        if kind == "dense":
+            circular = layer = np.linalg.svd(kernel, compute_uv=False)
+        else:
+            circular = reference.grouped_singular_values(reference.explicit_operator_matrix(
+                kernel, embedding, strides, 1, groups), c_out, c_in, groups)
+            layer = reference.grouped_singular_values(reference.explicit_padded_operator_matrix(
+                kernel, size, strides, 1, groups, padding), c_out, c_in, groups)
+        assert spectrum.count == len(layer), record.name
+        np.testing.assert_allclose(spectrum.singular_values, circular[:len(layer)], rtol=1e-5,
+                                   atol=1e-6 * circular[0])
+        assert spectrum.sigma_max_lower <= layer[0] <= spectrum.sigma_max_upper, record.name
     npz = str(tmp_path / "out" / "spectra.npz")
     checkpoints.write_spectra_npz(npz, spectra, {"format": "keras"})
     with np.load(npz, allow_pickle=False) as data:
         assert list(data["names"]) == list(TINY_GEOMETRY)
         np.testing.assert_array_equal(data["sv/1"], spectra[1].singular_values)
         np.testing.assert_array_equal(data["strides/1"], [2, 2])
-        np.testing.assert_array_equal(data["approximate"], [False, True, False, False])
+        np.testing.assert_array_equal(data["embedding_shape/1"], [16, 16])
+        np.testing.assert_array_equal(data["padding"], ["same", "valid", "valid", "dense"])
+        np.testing.assert_array_equal(data["approximate"], [False] * 4)
+        np.testing.assert_array_equal(data["sigma_max_upper"],
+                                      [s.sigma_max_upper for s in spectra])
         assert str(data["meta/format"]) == "keras"
     again, metadata = checkpoints.read_spectra_npz(npz)
     assert [s.geometry for s in again] == [s.geometry for s in spectra]
+    assert [(s.sigma_max_lower, s.sigma_max_upper) for s in again] == [
+        (s.sigma_max_lower, s.sigma_max_upper) for s in spectra]
     assert metadata == {"format": "keras"}
     assert os.listdir(tmp_path / "out") == ["spectra.npz"]  # no temporary left behind
 
@@ -370,15 +402,20 @@ def test_spectra_and_output_files(tmp_path, model):
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == list(TINY_GEOMETRY) + [checkpoints.PRODUCT_ROW_NAME]
-    assert rows[1]["strides"] == "2x2" and rows[1]["approximate"] == "True"
-    assert rows[1]["input_size"] == "16x16" and "approximate" in rows[1]["note"]
-    assert float(rows[0]["sigma_max"]) == pytest.approx(spectra[0].sigma_max)
+    assert rows[1]["strides"] == "2x2" and rows[1]["approximate"] == "False"
+    assert rows[1]["input_size"] == "15x15" and rows[1]["embedding_size"] == "16x16"
+    assert rows[1]["padding"] == "valid" and "upper bounds" in rows[1]["note"]
+    assert rows[3]["note"] == ""  # Dense: exact
+    assert float(rows[0]["sigma_max"]) == spectra[0].sigma_max
+    assert float(rows[0]["sigma_max_upper"]) == spectra[0].sigma_max_upper
+    assert float(rows[0]["sigma_max_lower"]) == spectra[0].sigma_max_lower
     assert int(rows[2]["count"]) == spectra[2].count
-    product = np.prod([s.sigma_max for s in spectra])
-    assert float(rows[-1]["sigma_max"]) == pytest.approx(product)
+    product = np.prod([s.sigma_max_upper for s in spectra])
+    assert float(rows[-1]["sigma_max_upper"]) == pytest.approx(product)
     assert "Lipschitz" in rows[-1]["note"]
     table = checkpoints.format_summary_table(spectra)
-    assert "c2/kernel" in table and "16x16*" in table and "Lipschitz" in table
+    assert "c2/kernel" in table and "16x16" in table and "valid" in table
+    assert "*" not in table and "certified" in table
 
 
 def test_float64_spectra(model):

@@ -1,8 +1,11 @@
 """Tests for tfconvnorm.geometry: which kernels are operators, and their geometry.
 
 Oracles: hand-written expectations for the geometry, and for the spectra the
-explicit matrix of the Keras layer itself (applied to basis vectors), made
-circular by wrap-padding its input and running a 'valid' twin of the layer.
+explicit matrix of the Keras layer itself (applied to basis vectors): as it
+is (zero padding, the default boundary), or made circular by wrap-padding
+its input and running a 'valid' twin of the layer (boundary="circular").
+The full grid of padded layers against their own matrices is in
+test_layer_bounds.py.
 """
 
 import keras
@@ -12,6 +15,7 @@ import tensorflow as tf
 
 import tfconvnorm
 from tfconvnorm import geometry
+from tfconvnorm import reference
 
 
 def _mixed_2d_model():
@@ -40,8 +44,10 @@ def test_mixed_model_geometry_matches_hand_written_expectations():
         "depthwise/kernel": G((3, 3, 1, 12), (6, 6), (1, 1), (1, 1), 6, "depthwise", "same"),
         "separable/depthwise_kernel": G((3, 3, 1, 12), (6, 6), (2, 2), (1, 1), 12,
                                         "separable_depthwise", "same"),
+        # A 1x1 conv of the depthwise part's output (ceil(6 / 2) = 3): no pads.
         "separable/pointwise_kernel": G((1, 1, 12, 5), (3, 3), (1, 1), (1, 1), 1,
-                                        "separable_pointwise", "same"),
+                                        "separable_pointwise", "valid"),
+        # The adjoint of a 'same' stride-2 conv of the layer's 6x6 output.
         "transposed/kernel": G((3, 3, 4, 5), (6, 6), (2, 2), (1, 1), 1, "conv_transpose", "same"),
         "dense/kernel": G((4, 3), (), (), (), 1, "dense", "dense"),
     }
@@ -51,9 +57,37 @@ def test_mixed_model_geometry_matches_hand_written_expectations():
         "transposed", "dense"]
     for op in operators:
         assert op.variable.path == op.name
-        assert op.geometry.spectral_kwargs() == dict(
-            input_shape=op.geometry.input_shape, strides=op.geometry.strides,
-            dilation_rate=op.geometry.dilation_rate, groups=op.geometry.groups)
+        g = op.geometry
+        assert g.is_certified
+        assert g.spectral_kwargs() == dict(
+            input_shape=g.input_shape, strides=g.strides, dilation_rate=g.dilation_rate,
+            groups=g.groups, **({} if g.kind == "dense" else {"padding": g.padding}))
+    # Embedding sizes: 'same' 3x3 stride 2 on 16 pads (0, 1) -> 17 -> 18; stride 1
+    # dilation 2 pads (2, 2) -> 10; 'valid' needs none.
+    assert got["strided/kernel"].embedding_shape == (18, 18)
+    assert got["dilated/kernel"].embedding_shape == (10, 10)
+    assert got["grouped/kernel"].embedding_shape == (8, 8)
+    assert got["transposed/kernel"].layer_input_shape == (3, 3)
+    assert got["dense/kernel"].embedding_shape == ()
+
+
+def test_circular_boundary_is_the_published_operator():
+    model = _mixed_2d_model()
+    got = {op.name: op.geometry for op in geometry.model_geometry(model, boundary="circular")}
+    G = geometry.ConvGeometry
+    assert got["strided/kernel"] == G((3, 3, 4, 8), (16, 16), (2, 2), (1, 1), 1, "conv",
+                                      "circular", layer_padding="same")
+    # Circular: a stride-2 conv maps 6 to 3, and the transposed one is its adjoint on 6.
+    assert got["separable/pointwise_kernel"] == G((1, 1, 12, 5), (3, 3), (1, 1), (1, 1), 1,
+                                                  "separable_pointwise", "circular",
+                                                  layer_padding="same")
+    assert got["transposed/kernel"] == G((3, 3, 4, 5), (6, 6), (2, 2), (1, 1), 1,
+                                         "conv_transpose", "circular", layer_padding="same")
+    assert got["dense/kernel"] == G((4, 3), (), (), (), 1, "dense", "dense")
+    assert not got["strided/kernel"].is_certified and got["dense/kernel"].is_certified
+    assert got["strided/kernel"].embedding_shape == (16, 16)
+    with pytest.raises(ValueError, match=r"`boundary` must be one of .*boundary='zero'"):
+        geometry.model_geometry(model, boundary="zero")
 
 
 def test_conv1d_causal_and_depthwise1d():
@@ -68,6 +102,7 @@ def test_conv1d_causal_and_depthwise1d():
     assert got["dw1d"] == geometry.ConvGeometry((3, 1, 4), (12,), (2,), (1,), 4, "depthwise", "same")
     assert got["tr1d"] == geometry.ConvGeometry((3, 2, 4), (18,), (3,), (1,), 1, "conv_transpose",
                                                 "valid")
+    assert got["causal"].embedding == tfconvnorm.CircularEmbedding((16,), (12,), ((4, 0),))
 
 
 def test_channels_first_spatial_axes():
@@ -114,6 +149,15 @@ def _core_spectrum(op):
     return tfconvnorm.conv_singular_values(kernel, **op.geometry.spectral_kwargs()).numpy()
 
 
+def _assert_blockwise_spectrum(got, expected_full, count):
+    """`got` is the block-by-block spectrum (exactly `count` values) of a
+    matrix whose plain SVD is `expected_full`: the same values, and the
+    plain SVD's extra ones (a wide or tall grouped operator) are zeros."""
+    assert len(got) == count
+    np.testing.assert_allclose(got, expected_full[:count], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(expected_full[count:], 0, atol=1e-9)
+
+
 @pytest.mark.parametrize("make_layer", [
     lambda: keras.layers.Conv2D(3, 3, strides=2, padding="same"),
     lambda: keras.layers.Conv2D(4, (3, 2), dilation_rate=(2, 1), padding="same"),
@@ -128,13 +172,13 @@ def test_spectrum_of_geometry_equals_layer_circular_operator(make_layer):
     in_size = (8, 6)[:rank]
     channels = 2
     model = keras.Sequential([keras.Input(in_size + (channels,)), layer])
-    (op,) = geometry.model_geometry(model)
+    (op,) = geometry.model_geometry(model, boundary="circular")
     expected = _circular_twin_spectrum(layer, op.variable.numpy(), in_size, channels)
-    got = _core_spectrum(op)
-    count = min(len(got), len(expected))
-    np.testing.assert_allclose(got[:count], expected[:count], rtol=1e-6, atol=1e-9)
-    # Extra singular values of a wide/tall operator are zero.
-    np.testing.assert_allclose(expected[count:], 0, atol=1e-9)
+    g = op.geometry
+    out = int(np.prod([n // s for n, s in zip(in_size, g.strides)]))
+    c_out = g.kernel_shape[-1]
+    count = g.groups * min(out * c_out // g.groups, int(np.prod(in_size)) * channels // g.groups)
+    _assert_blockwise_spectrum(_core_spectrum(op), expected, count)
 
 
 def test_transposed_conv_is_the_adjoint_of_the_strided_conv():
@@ -146,7 +190,7 @@ def test_transposed_conv_is_the_adjoint_of_the_strided_conv():
         keras.layers.Conv2DTranspose(2, 3, strides=strides, padding="same", use_bias=False,
                                      dtype="float64")])
     (op,) = geometry.model_geometry(model)
-    assert op.geometry.input_shape == (8, 8)
+    assert op.geometry.input_shape == (8, 8) and op.geometry.layer_input_shape == (4, 4)
     kernel = op.variable.numpy()  # (3, 3, filters=2, in=3)
     transposed = _basis_matrix(model, in_size + (channels,))
     conv = keras.layers.Conv2D(3, 3, strides=strides, padding="same", use_bias=False,
@@ -155,9 +199,11 @@ def test_transposed_conv_is_the_adjoint_of_the_strided_conv():
     conv.set_weights([kernel])
     forward = _basis_matrix(conv, (8, 8, 2))
     np.testing.assert_allclose(transposed, forward.T, atol=1e-12)
-    # And the geometry's spectrum bounds the zero-padded operator's norm.
+    # And the geometry's spectrum bounds the zero-padded operator's, entry by entry.
     sigma = _core_spectrum(op)
-    assert np.linalg.norm(transposed, 2) <= sigma[0] * (1 + 1e-9)
+    exact = np.linalg.svd(transposed, compute_uv=False)
+    assert len(sigma) == len(exact) == 4 * 4 * 3
+    assert np.all(exact <= sigma * (1 + 1e-9))
 
 
 def test_separable_parts_and_dense_against_explicit_matrices():
@@ -169,13 +215,14 @@ def test_separable_parts_and_dense_against_explicit_matrices():
         keras.layers.Dense(5, name="fc"),
     ])
     # Variables built inside a Sequential get its name as a path prefix.
-    ops = {op.name.removeprefix(model.name + "/"): op for op in geometry.model_geometry(model)}
+    ops = {op.name.removeprefix(model.name + "/"): op
+           for op in geometry.model_geometry(model, boundary="circular")}
     depthwise = ops["sep/depthwise_kernel"]
     twin = keras.layers.DepthwiseConv2D(3, strides=2, depth_multiplier=2, padding="same")
     twin.build((None, 6, 6, 2))
     expected = _circular_twin_spectrum(twin, depthwise.variable.numpy(), (6, 6), 2)
-    got = _core_spectrum(depthwise)
-    np.testing.assert_allclose(got, expected[:len(got)], rtol=1e-6, atol=1e-9)
+    # Depthwise: 2 groups of (3x3 outputs * 2 channels) x (6x6 inputs * 1 channel).
+    _assert_blockwise_spectrum(_core_spectrum(depthwise), expected, 2 * min(18, 36))
     pointwise = ops["sep/pointwise_kernel"]
     matrix = pointwise.variable.numpy()[0, 0]
     expected = np.repeat(np.linalg.svd(matrix, compute_uv=False), 9)  # 3x3 positions
@@ -249,21 +296,28 @@ def test_subclassed_model_uses_build_shapes():
     assert got["fc"].kind == "dense"
 
 
-def test_stride_must_divide_input_size_or_round_up():
+def test_circular_stride_must_divide_input_size_or_round_up():
     model = keras.Sequential([keras.Input((9, 8, 2)),
                               keras.layers.Conv2D(2, 3, strides=2, name="odd")])
     with pytest.raises(ValueError, match=r"'odd'.*\(2, 2\).*\(9, 8\)"):
-        geometry.model_geometry(model)
-    (op,) = geometry.model_geometry(model, round_up=True)
+        geometry.model_geometry(model, boundary="circular")
+    (op,) = geometry.model_geometry(model, round_up=True, boundary="circular")
     assert op.geometry.input_shape == (10, 8) and op.geometry.approximate
+    assert not op.geometry.is_certified
+    # The layer's own 'valid' padding needs no rounding: 9 -> 4 outputs, N = 10.
+    for round_up in (False, True):
+        (op,) = geometry.model_geometry(model, round_up=round_up)
+        assert op.geometry.input_shape == (9, 8) and not op.geometry.approximate
+        assert op.geometry.embedding_shape == (10, 8) and op.geometry.is_certified
     # A layer left out by `layers=` does not stop the others.
     model = keras.Sequential([keras.Input((9, 8, 2)),
                               keras.layers.Conv2D(2, 3, strides=2, name="odd2"),
                               keras.layers.Flatten(), keras.layers.Dense(2, name="fc")])
-    (op,) = geometry.model_geometry(model, layers=["fc"])
+    (op,) = geometry.model_geometry(model, layers=["fc"], boundary="circular")
     assert op.layer.name == "fc"
     with pytest.raises(ValueError, match="'odd2'"):
-        geometry.model_geometry(model, layers=[f"{model.name}/odd2/kernel"])
+        geometry.model_geometry(model, layers=[f"{model.name}/odd2/kernel"],
+                                boundary="circular")
 
 
 def test_layer_selection_and_errors():

@@ -112,11 +112,19 @@ def test_layer_set_at_224():
         assert shape == geometry.kernel_shape
 
 
-def test_layer_set_at_299_marks_approximate_layers():
+def test_layer_set_at_299_embeds_odd_sizes_or_marks_circular_approximations():
     layers = irv2.resnet_v2_layer_set("resnet_v2_50", 299, include_dense=True)
     assert len(layers) == 54 and layers[-1][2].kind == "dense"
-    approximate = {name: g.input_shape for name, _, g in layers if g.approximate}
-    # 305, 77 and 21 are odd: the stride-2 convs there use the next even size.
+    # Their own 'valid' padding: nothing approximate; 305, 77 and 21 are odd,
+    # so the stride-2 convs there embed into the next even circular size.
+    assert not any(g.approximate for _, _, g in layers)
+    odd = {name: (g.input_shape, g.embedding_shape) for name, _, g in layers
+           if g.input_shape != g.embedding_shape}
+    assert odd == {"conv1_conv/kernel": ((305, 305), (306, 306)),
+                   "conv2_block3_2_conv/kernel": ((77, 77), (78, 78)),
+                   "conv4_block6_2_conv/kernel": ((21, 21), (22, 22))}
+    circular = irv2.resnet_v2_layer_set("resnet_v2_50", 299, boundary="circular")
+    approximate = {name: g.input_shape for name, _, g in circular if g.approximate}
     assert approximate == {"conv1_conv/kernel": (306, 306),
                            "conv2_block3_2_conv/kernel": (78, 78),
                            "conv4_block6_2_conv/kernel": (22, 22)}

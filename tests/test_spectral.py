@@ -6,6 +6,7 @@ import tensorflow as tf
 
 import tfconvnorm
 from tfconvnorm import reference
+from tfconvnorm.spectral import operator as spectral_operator
 
 # (kernel shape, input shape, strides, dilation, groups): every structure the
 # core exploits or has to get right, each checked against the dense matrix.
@@ -578,7 +579,9 @@ def test_many_bad_input_names_the_entry():
     with pytest.raises(ValueError, match=r"kernels\[1\]: strides=\(3, 3\) do not divide"):
         tfconvnorm.conv_singular_values_many(
             [kernel, kernel], [dict(input_shape=(4, 4)), dict(input_shape=(4, 4), strides=3)])
-    with pytest.raises(ValueError, match=r"geometries\[0\].*'padding'"):
+    with pytest.raises(ValueError, match=r"geometries\[0\].*unknown keys \['boundary'\]"):
+        tfconvnorm.conv_operator_norm_many([kernel], [dict(input_shape=(4, 4), boundary="zero")])
+    with pytest.raises(ValueError, match=r"padding must be one of .* got padding=1"):
         tfconvnorm.conv_operator_norm_many([kernel], [dict(input_shape=(4, 4), padding=1)])
     with pytest.raises(TypeError, match="kernels must be a list"):
         tfconvnorm.conv_operator_norm_many(kernel, [dict(input_shape=(4, 4))])
@@ -601,10 +604,9 @@ def test_many_bad_input_names_the_entry():
                          ids=_ids([GEOMETRIES[i] for i in (0, 5, 6, 8, 11, 14, 17, 21)]))
 def test_per_axis_transform_matches_explicit_matrix(monkeypatch, shape, n, strides, dilation,
                                                      groups):
-    from tfconvnorm import spectral  # pylint: disable=g-import-not-at-top
-    monkeypatch.setattr(spectral, "_COMBINED_FACTOR_MAX_ENTRIES", 0)
+    monkeypatch.setattr(spectral_operator, "COMBINED_FACTOR_MAX_ENTRIES", 0)
     kernel = _random_kernel(shape, seed=80)
-    geometry = spectral._Geometry(tf.TensorShape(shape), n, strides, dilation, groups)  # pylint: disable=protected-access
+    geometry = spectral_operator.Geometry(tf.TensorShape(shape), n, strides, dilation, groups)
     assert geometry.combined is None
     expected = reference.explicit_singular_values(kernel, n, strides, dilation, groups)
     got = tfconvnorm.conv_singular_values(kernel, n, strides, dilation, groups)

@@ -7,6 +7,10 @@ and does not import matplotlib, absl flags or TFDS.
 
 from tfconvnorm import reference
 from tfconvnorm.spectral import (
+    CIRCULAR,
+    PADDING_MODES,
+    CircularEmbedding,
+    circular_embedding,
     DEFAULT_METHOD,
     METHODS,
     clip_conv_singular_values,
@@ -19,6 +23,9 @@ from tfconvnorm.spectral import (
     conv_singular_values_many,
     conv_operator_norm_many,
     clip_conv_singular_values_many,
+    conv_operator_norm_bounds,
+    conv_operator_norm_bounds_many,
+    NormBounds,
 )
 from tfconvnorm.geometry import (
     ALL_KINDS,

@@ -132,8 +132,9 @@ class OperatorNormClipper(keras.callbacks.Callback):
       iterations: see `tfconvnorm.clip_conv_singular_values`.
       log_norms: compute and log the norms before/after (costs two extra
         decompositions per kernel and projection).
-      **geometry_kwargs: `input_shape`, `layer_input_shapes`, `round_up`, as
-        for `tfconvnorm.model_geometry`.
+      **geometry_kwargs: `input_shape`, `layer_input_shapes`, `boundary`,
+        `round_up`, as for `tfconvnorm.model_geometry`. By default each
+        operator is the layer's own (zero-padded) one.
 
     Usage:
 
@@ -209,34 +210,55 @@ class OperatorNormClipper(keras.callbacks.Callback):
         return {name: (float(b), float(a)) for name, b, a in zip(names, before, after)}
 
 
-def _spectra_figure_png(names, spectra):
+def _spectra_figure_png(names, spectra, title):
     """PNG bytes of all sorted spectra on log-log axes; None without matplotlib."""
     try:
         import matplotlib  # pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
         return None
     figure = plotting.plot_spectra(dict(zip(names, spectra)), log_x=True, log_y=True,
-                                   title="Singular values of each layer (circular convolution)")
+                                   title=title)
     return plotting.figure_to_png(figure, dpi=_FIGURE_DPI)
 
 
-def make_spectra_fn(operators):
-    """One compiled call returning the full spectrum of every operator (descending)."""
-    operators = list(operators)
+def _spectral_kernels(operators):
+    """Every operator's current kernel in the conv layout, in a core dtype."""
+    kernels = []
+    for op in operators:
+        value = tf.convert_to_tensor(op.variable.value)
+        if value.dtype not in (tf.float32, tf.float64):
+            value = tf.cast(value, tf.float32)
+        kernels.append(op.to_spectral(value))
+    return kernels
 
+
+def make_spectra_fn(operators):
+    """One compiled call returning the full spectrum of every operator (descending):
+    for zero-padded layers, the entrywise upper bound on the layer's spectrum."""
+    operators = list(operators)
     geometries = [op.geometry for op in operators]
 
     @tf.function(autograph=False, jit_compile=False)
     def spectra():
-        kernels = []
-        for op in operators:
-            value = tf.convert_to_tensor(op.variable.value)
-            if value.dtype not in (tf.float32, tf.float64):
-                value = tf.cast(value, tf.float32)
-            kernels.append(op.to_spectral(value))
-        return spectral.conv_singular_values_many(kernels, geometries)
+        return spectral.conv_singular_values_many(_spectral_kernels(operators), geometries)
 
     return spectra
+
+
+def make_bounds_fn(operators, iterations=spectral.DEFAULT_POWER_ITERATIONS):
+    """One compiled call returning `(lower, upper)`: float64 tensors of shape
+    `(len(operators),)`, a certified interval for each layer's operator norm
+    (`tfconvnorm.conv_operator_norm_bounds_many`)."""
+    operators = list(operators)
+    geometries = [op.geometry for op in operators]
+
+    @tf.function(autograph=False, jit_compile=False)
+    def bounds():
+        pairs = spectral.conv_operator_norm_bounds_many(_spectral_kernels(operators), geometries,
+                                                        iterations=iterations)
+        return tf.stack([p.lower for p in pairs]), tf.stack([p.upper for p in pairs])
+
+    return bounds
 
 
 class SpectrumLogger(keras.callbacks.Callback):
@@ -245,12 +267,20 @@ class SpectrumLogger(keras.callbacks.Callback):
     Per kernel (tag suffix: the variable path, e.g. "conv2d/kernel"):
     a histogram `spectrum/<path>` of all singular values, and scalars
     `sigma_max/<path>`, `sigma_min/<path>`, `condition_number/<path>`
-    (inf when sigma_min is 0). Plus, when matplotlib is installed, one image
-    `spectra` with the sorted spectra of all layers on log-log axes. Written
-    with `tf.summary` to `log_dir/spectra`, beside `keras.callbacks.TensorBoard`
-    logs, at the optimizer's step. The spectra are the exact ones of the
-    circular convolutions (upper bounds for zero-padded layers), all computed
-    in one compiled call.
+    (inf when sigma_min is 0) of that spectrum; with `log_bounds`, also the
+    certified interval of the layer's norm, `sigma_max_lower/<path>` and
+    `sigma_max_upper/<path>` (`tfconvnorm.conv_operator_norm_bounds_many`).
+    Plus, when matplotlib is installed, one image `spectra` with the sorted
+    spectra of all layers on log-log axes. Written with `tf.summary` to
+    `log_dir/spectra`, beside `keras.callbacks.TensorBoard` logs, at the
+    optimizer's step.
+
+    Which spectrum: for a zero-padded layer (the default, `boundary="layer"`)
+    that of the circular convolution on its embedding size N, cut to the
+    layer's number of singular values: entry i bounds the layer's i-th
+    singular value from above (so `sigma_min` and the condition number are
+    those of the bound, not the layer's). With `boundary="circular"`, the
+    published circular operator's exact spectrum.
 
     Args:
       log_dir: TensorBoard log directory.
@@ -258,8 +288,12 @@ class SpectrumLogger(keras.callbacks.Callback):
       every_n_steps: also log every N optimizer steps (None: never).
       layers, kinds: which operators, as for `tfconvnorm.model_geometry`.
       log_image: write the spectra image (needs matplotlib).
-      **geometry_kwargs: `input_shape`, `layer_input_shapes`, `round_up`, as
-        for `tfconvnorm.model_geometry`.
+      log_bounds: also log the certified norm interval (Lanczos on each real
+        layer: a few forward and backward passes of every layer).
+      bound_iterations: Lanczos iterations for the lower bounds.
+      **geometry_kwargs: `input_shape`, `layer_input_shapes`, `boundary`,
+        `round_up`, as for `tfconvnorm.model_geometry`. By default each
+        operator is the layer's own (zero-padded) one.
 
     Usage:
 
@@ -268,7 +302,8 @@ class SpectrumLogger(keras.callbacks.Callback):
     """
 
     def __init__(self, log_dir, every_n_epochs=1, every_n_steps=None, layers=None, kinds=None,
-                 log_image=True, **geometry_kwargs):
+                 log_image=True, log_bounds=True,
+                 bound_iterations=spectral.DEFAULT_POWER_ITERATIONS, **geometry_kwargs):
         super().__init__()
         if not isinstance(log_dir, (str, os.PathLike)) or not str(log_dir):
             raise ValueError(f"`log_dir` must be a path; received log_dir={log_dir!r}.")
@@ -278,10 +313,14 @@ class SpectrumLogger(keras.callbacks.Callback):
         self.layers = layers
         self.kinds = kinds
         self.log_image = log_image
+        self.log_bounds = log_bounds
+        self.bound_iterations = bound_iterations
         self.geometry_kwargs = geometry_kwargs
-        self._cache = None  # (model, operators, spectra fn)
+        self._cache = None  # (model, operators, spectra fn, bounds fn or None)
         self._writer = None
         self._last_step = 0
+        #: The latest certified norm intervals, `{name: (lower, upper)}`.
+        self.last_bounds = None
 
     def _spectra(self):
         if self._cache is None or self._cache[0] is not self.model:
@@ -291,7 +330,9 @@ class SpectrumLogger(keras.callbacks.Callback):
                 raise ValueError(f"Model '{self.model.name}' has no operator layers to log.")
             fn = make_spectra_fn(operators)
             fn.get_concrete_function()
-            self._cache = (self.model, operators, fn)
+            bounds = (make_bounds_fn(operators, self.bound_iterations) if self.log_bounds
+                      else None)
+            self._cache = (self.model, operators, fn, bounds)
         return self._cache
 
     def _get_writer(self):
@@ -321,10 +362,20 @@ class SpectrumLogger(keras.callbacks.Callback):
             self._writer = None
 
     def log_now(self, step=None):
-        """Computes and writes the spectra now; returns `{name: spectrum}` (NumPy)."""
-        _, operators, fn = self._spectra()
+        """Computes and writes the spectra now; returns `{name: spectrum}` (NumPy).
+
+        The certified norm intervals, when logged, are left in `last_bounds`:
+        `{name: (lower, upper)}`.
+        """
+        _, operators, fn, bounds_fn = self._spectra()
         step = _optimizer_step(self.model) if step is None else int(step)
         spectra = [values.numpy() for values in fn()]
+        bounds = None
+        if bounds_fn is not None:
+            lower, upper = (b.numpy() for b in bounds_fn())
+            bounds = {op.name: (float(lo), float(up))
+                      for op, lo, up in zip(operators, lower, upper)}
+        self.last_bounds = bounds
         writer = self._get_writer()
         with writer.as_default(step=step):
             for op, values in zip(operators, spectra):
@@ -335,8 +386,12 @@ class SpectrumLogger(keras.callbacks.Callback):
                 tf.summary.scalar(f"sigma_max/{op.name}", sigma_max)
                 tf.summary.scalar(f"sigma_min/{op.name}", sigma_min)
                 tf.summary.scalar(f"condition_number/{op.name}", condition)
+                if bounds is not None:
+                    tf.summary.scalar(f"sigma_max_lower/{op.name}", bounds[op.name][0])
+                    tf.summary.scalar(f"sigma_max_upper/{op.name}", bounds[op.name][1])
             if self.log_image:
-                png = _spectra_figure_png([op.name for op in operators], spectra)
+                png = _spectra_figure_png([op.name for op in operators], spectra,
+                                          geometry_lib.spectra_title([op.geometry for op in operators]))
                 if png is not None:
                     tf.summary.image("spectra", tf.image.decode_png(png, channels=4)[None])
         writer.flush()

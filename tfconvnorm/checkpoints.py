@@ -16,10 +16,13 @@ The readers never import `models/`: architectures come from the caller (see
 by variable, with the architecture, so that a mismatch is reported by name
 instead of surfacing deep inside TF or silently loading a subset.
 
-Spectra are those of circular convolutions. For zero-padded layers they bound
-the layer's operator norm from above. Where a stride does not divide a layer's
-input size (e.g. 299x299 inputs), the layer is computed at the next size the
-stride divides and marked `approximate` in every output.
+Every layer is described with its own zero padding, so the spectra are
+certified entrywise upper bounds on the layer's singular values (the circular
+convolution on the embedding size N that contains the layer), for any stride
+and input size; `layer_spectra` adds a certified interval for each layer's
+norm (`tfconvnorm.conv_operator_norm_bounds_many`). Only geometries built
+with `boundary="circular"` (the published operator) can be `approximate`: a
+stride that does not divide the input size is then rounded up.
 """
 
 import collections
@@ -56,6 +59,9 @@ PRODUCT_NOTE = ("upper bound on the Lipschitz constant only for a plain chain of
                 "layers (not for residual connections; BN and pooling not included)")
 APPROXIMATE_NOTE = ("approximate: the stride does not divide the input size; computed "
                     "at the next size it divides")
+BOUND_NOTE = ("spectrum: upper bounds on the layer's singular values, entry by entry "
+              "(circular convolution on the embedding size)")
+CIRCULAR_NOTE = "spectrum: the circular operator's (not a bound on a zero-padded layer)"
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -235,9 +241,8 @@ def _records_from_operators(operators, values):
 
 
 def _model_operators(model):
-    # round_up: a stride not dividing an input size is computed approximately
-    # (and marked so) rather than refused.
-    return geometry_lib.model_geometry(model, round_up=True)
+    # Each layer with its own zero padding: certified bounds, any stride.
+    return geometry_lib.model_geometry(model)
 
 
 def model_records(model):
@@ -455,6 +460,9 @@ def _tf1_geometry(op, image_size_hint, meta_path):
     dilations = tuple(int(op.get_attr("dilations")[a]) for a in spatial_axes)
     padding = op.get_attr("padding")
     padding = (padding.decode() if isinstance(padding, bytes) else padding).lower()
+    if padding == "explicit":
+        pads = list(op.get_attr("explicit_paddings"))
+        padding = tuple((int(pads[2 * a]), int(pads[2 * a + 1])) for a in spatial_axes)
     filter_shape = tuple(op.inputs[1].shape.as_list())
     data_shape = _data_shape(op)
     # A transposed conv is the adjoint of the strided conv of its output size:
@@ -480,11 +488,11 @@ def _tf1_geometry(op, image_size_hint, meta_path):
         groups = channels // filter_shape[2] if channels else 1
     else:
         kernel_shape, groups = filter_shape, 1
-    rounded = tuple(-(-n // s) * s for n, s in zip(size, strides))
+    # The op's own zero padding: the spectrum is that of the circular
+    # convolution it embeds into, a certified bound; no rounding needed.
     return geometry_lib.ConvGeometry(
-        kernel_shape=tuple(kernel_shape), input_shape=rounded, strides=strides,
-        dilation_rate=dilations, groups=int(groups), kind=kind, padding=padding,
-        approximate=rounded != size)
+        kernel_shape=tuple(kernel_shape), input_shape=tuple(size), strides=strides,
+        dilation_rate=dilations, groups=int(groups), kind=kind, padding=padding)
 
 
 def read_tf1_meta_checkpoint(path, image_size=None):
@@ -492,13 +500,14 @@ def read_tf1_meta_checkpoint(path, image_size=None):
 
     Every `Conv2D` / `DepthwiseConv2dNative` op (and `Conv2DBackpropInput`
     outside gradient scopes: a transposed conv) gives one record: input
-    shape, strides, dilations and data format (NHWC or NCHW) from the op,
-    the kernel from the variable its filter reads. Nothing of the graph runs;
-    the values come from `tf.train.load_checkpoint`. Convs whose filter is
-    computed rather than read from a variable are skipped with a warning.
-    Dilated convs that TF1 built with space-to-batch appear as undilated convs
-    on the smaller grids, which has the same singular values (multiplicities
-    differ).
+    shape, strides, dilations, padding (SAME, VALID, EXPLICIT) and data
+    format (NHWC or NCHW) from the op, the kernel from the variable its
+    filter reads. Nothing of the graph runs; the values come from
+    `tf.train.load_checkpoint`. Convs whose filter is computed rather than
+    read from a variable are skipped with a warning. Dilated convs that TF1
+    built with space-to-batch appear as undilated convs on the smaller grids:
+    the dilated conv is a submatrix of that op (space-to-batch pads and
+    permutes, batch-to-space crops), so the op's bounds hold for it.
 
     Args:
       path: checkpoint prefix, one of its files (`.meta`, `.index`), or a
@@ -836,11 +845,21 @@ def read_keras_weights_file(path, model):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LayerSpectrum:
-    """All singular values of one layer (sorted descending) and its geometry."""
+    """One layer's spectrum (sorted descending), its geometry, and a certified
+    interval for its norm.
+
+    `singular_values` are those `tfconvnorm.conv_singular_values` gives for
+    the geometry: with the layer's zero padding, entrywise upper bounds on
+    the layer's singular values. `sigma_max_lower <= ||layer|| <=
+    sigma_max_upper` (float64, `conv_operator_norm_bounds`); NaN when the
+    bounds were not computed.
+    """
 
     name: str
     geometry: geometry_lib.ConvGeometry
     singular_values: np.ndarray
+    sigma_max_lower: float = math.nan
+    sigma_max_upper: float = math.nan
 
     @property
     def count(self):
@@ -866,13 +885,22 @@ class LayerSpectrum:
         return bool(spatial) and all(k == 1 for k in spatial)
 
 
-def layer_spectra(records, dtype="float32", progress=False):
+#: Layers whose spectra `layer_spectra` computes in one pooled call: a bound
+#: on memory (every per-frequency matrix of a chunk exists at once).
+_SPECTRA_CHUNK = 8
+
+
+def layer_spectra(records, dtype="float32", progress=False, bounds=True,
+                  bound_iterations=spectral.DEFAULT_POWER_ITERATIONS):
     """Every singular value of each record's operator, through the spectral core.
 
     Args:
       records: `LayerRecord`s.
       dtype: "float32" or "float64": the kernels are cast to it.
       progress: show a Keras progress bar over the layers.
+      bounds: also compute each layer's certified norm interval (Lanczos on
+        the real layer for the lower end).
+      bound_iterations: Lanczos iterations for the lower bounds.
 
     Returns:
       A list of `LayerSpectrum`, in the order of `records`.
@@ -883,19 +911,28 @@ def layer_spectra(records, dtype="float32", progress=False):
     if progress and records:
         bar = keras.utils.Progbar(len(records), unit_name="layer")
     result = []
-    for index, record in enumerate(records):
-        kernel = tf.cast(tf.convert_to_tensor(record.kernel), dtype)
-        values = spectral.conv_singular_values(kernel, **record.geometry.spectral_kwargs())
-        result.append(LayerSpectrum(record.name, record.geometry, values.numpy()))
+    for start in range(0, len(records), _SPECTRA_CHUNK):
+        chunk = records[start:start + _SPECTRA_CHUNK]
+        kernels = [tf.cast(tf.convert_to_tensor(r.kernel), dtype) for r in chunk]
+        geometries = [r.geometry for r in chunk]
+        values = spectral.conv_singular_values_many(kernels, geometries)
+        intervals = (spectral.conv_operator_norm_bounds_many(kernels, geometries,
+                                                             iterations=bound_iterations)
+                     if bounds else [(math.nan, math.nan)] * len(chunk))
+        for record, spectrum, (lower, upper) in zip(chunk, values, intervals):
+            result.append(LayerSpectrum(record.name, record.geometry, spectrum.numpy(),
+                                        float(lower), float(upper)))
         if bar is not None:
-            bar.update(index + 1)
+            bar.update(len(result))
     return result
 
 
 def log_product_of_sigma_max(spectra):
-    """log of the product of sigma_max (the product itself may overflow)."""
+    """log of the product of each layer's certified upper bound (the spectrum's
+    sigma_max where no bound was computed); the product itself may overflow."""
     with np.errstate(divide="ignore"):
-        return float(np.sum([np.log(s.sigma_max) for s in spectra]))
+        return float(np.sum([np.log(s.sigma_max if math.isnan(s.sigma_max_upper)
+                                    else s.sigma_max_upper) for s in spectra]))
 
 
 def product_of_sigma_max(spectra):
@@ -931,28 +968,52 @@ def _dims(values):
     return "x".join(str(int(v)) for v in values)
 
 
+def padding_text(padding):
+    """A geometry's padding as text: the mode's name, or explicit pads as
+    "(b, a)x(b, a)" per axis (`parse_padding_text` reads it back)."""
+    if isinstance(padding, str):
+        return padding
+    return "x".join(f"({b}, {a})" for b, a in padding)
+
+
+def parse_padding_text(text):
+    """Inverse of `padding_text`."""
+    if not text.startswith("("):
+        return text
+    return tuple(tuple(int(v) for v in pair.strip("()").split(","))
+                 for pair in text.split("x"))
+
+
 def write_spectra_npz(path, spectra, metadata=None):
     """Writes the spectra to an `.npz` loadable with `np.load(path)` (no pickle).
 
     Keys: `names` (str), `sv/<i>` (all singular values of layer i, sorted
-    descending), per-layer `kernel_shape/<i>`, `input_shape/<i>`, `strides/<i>`,
-    `dilation_rate/<i>` (int64), and the vectors `groups`, `kinds`, `padding`,
-    `approximate`, `sigma_max`, `sigma_min`, `count`; `meta/<key>` holds
-    `metadata` values as strings. Written atomically.
+    descending: for a zero-padded layer, entrywise upper bounds on its own),
+    per-layer `kernel_shape/<i>`, `input_shape/<i>`, `strides/<i>`,
+    `dilation_rate/<i>`, `embedding_shape/<i>` (the circular size N whose
+    spectrum `sv/<i>` is) (int64), and the vectors `groups`, `kinds`,
+    `padding` (`padding_text`), `layer_padding`, `approximate`, `sigma_max`,
+    `sigma_min`, `count`, `sigma_max_lower`, `sigma_max_upper` (the certified
+    interval of the layer's norm); `meta/<key>` holds `metadata` values as
+    strings. Written atomically.
     """
     arrays = {
         "names": np.array([s.name for s in spectra], dtype=str),
         "kinds": np.array([s.geometry.kind for s in spectra], dtype=str),
-        "padding": np.array([s.geometry.padding for s in spectra], dtype=str),
+        "padding": np.array([padding_text(s.geometry.padding) for s in spectra], dtype=str),
+        "layer_padding": np.array([s.geometry.layer_padding or "" for s in spectra], dtype=str),
         "groups": np.array([s.geometry.groups for s in spectra], dtype=np.int64),
         "approximate": np.array([s.geometry.approximate for s in spectra], dtype=bool),
         "sigma_max": np.array([s.sigma_max for s in spectra], dtype=np.float64),
         "sigma_min": np.array([s.sigma_min for s in spectra], dtype=np.float64),
         "count": np.array([s.count for s in spectra], dtype=np.int64),
+        "sigma_max_lower": np.array([s.sigma_max_lower for s in spectra], dtype=np.float64),
+        "sigma_max_upper": np.array([s.sigma_max_upper for s in spectra], dtype=np.float64),
     }
     for index, s in enumerate(spectra):
         arrays[f"sv/{index}"] = np.asarray(s.singular_values)
-        for field in ("kernel_shape", "input_shape", "strides", "dilation_rate"):
+        for field in ("kernel_shape", "input_shape", "strides", "dilation_rate",
+                      "embedding_shape"):
             arrays[f"{field}/{index}"] = np.array(getattr(s.geometry, field), dtype=np.int64)
     for key, value in (metadata or {}).items():
         arrays[f"meta/{key}"] = np.array(str(value))
@@ -971,21 +1032,39 @@ def read_spectra_npz(path):
                 strides=tuple(int(v) for v in data[f"strides/{index}"]),
                 dilation_rate=tuple(int(v) for v in data[f"dilation_rate/{index}"]),
                 groups=int(data["groups"][index]), kind=str(data["kinds"][index]),
-                padding=str(data["padding"][index]),
-                approximate=bool(data["approximate"][index]))
-            spectra.append(LayerSpectrum(name, geometry, data[f"sv/{index}"]))
+                padding=parse_padding_text(str(data["padding"][index])),
+                approximate=bool(data["approximate"][index]),
+                layer_padding=str(data["layer_padding"][index]) or None)
+            spectra.append(LayerSpectrum(name, geometry, data[f"sv/{index}"],
+                                         float(data["sigma_max_lower"][index]),
+                                         float(data["sigma_max_upper"][index])))
         metadata = {key[len("meta/"):]: str(data[key]) for key in data.files
                     if key.startswith("meta/")}
     return spectra, metadata
 
 
 SUMMARY_COLUMNS = ("index", "name", "kind", "kernel_shape", "input_size", "strides",
-                   "dilation_rate", "groups", "padding", "approximate", "sigma_max",
-                   "sigma_min", "condition_number", "count", "note")
+                   "dilation_rate", "groups", "padding", "embedding_size", "approximate",
+                   "sigma_max_lower", "sigma_max_upper", "sigma_max", "sigma_min",
+                   "condition_number", "count", "note")
+
+
+def _note(geometry):
+    if geometry.approximate:
+        return APPROXIMATE_NOTE
+    if geometry.padding == spectral.CIRCULAR and geometry.layer_padding not in (None, "circular"):
+        return CIRCULAR_NOTE
+    if geometry.kind != geometry_lib.KIND_DENSE and geometry.padding != spectral.CIRCULAR:
+        return BOUND_NOTE
+    return ""
 
 
 def summary_rows(spectra):
-    """One dict per layer (columns `SUMMARY_COLUMNS`), then the product row."""
+    """One dict per layer (columns `SUMMARY_COLUMNS`), then the product row.
+
+    `sigma_max_lower` / `sigma_max_upper` bound the layer's norm; `sigma_max`,
+    `sigma_min` and `condition_number` are those of the spectrum written to
+    spectra.npz (the note says whether it bounds the layer's)."""
     rows = []
     for index, s in enumerate(spectra):
         g = s.geometry
@@ -993,13 +1072,15 @@ def summary_rows(spectra):
             "index": index, "name": s.name, "kind": g.kind,
             "kernel_shape": _dims(g.kernel_shape), "input_size": _dims(g.input_shape),
             "strides": _dims(g.strides), "dilation_rate": _dims(g.dilation_rate),
-            "groups": g.groups, "padding": g.padding, "approximate": g.approximate,
+            "groups": g.groups, "padding": padding_text(g.padding),
+            "embedding_size": _dims(g.embedding_shape), "approximate": g.approximate,
+            "sigma_max_lower": repr(s.sigma_max_lower), "sigma_max_upper": repr(s.sigma_max_upper),
             "sigma_max": repr(s.sigma_max), "sigma_min": repr(s.sigma_min),
             "condition_number": repr(s.condition_number), "count": s.count,
-            "note": APPROXIMATE_NOTE if g.approximate else "",
+            "note": _note(g),
         })
     rows.append({column: "" for column in SUMMARY_COLUMNS} | {
-        "name": PRODUCT_ROW_NAME, "sigma_max": repr(product_of_sigma_max(spectra)),
+        "name": PRODUCT_ROW_NAME, "sigma_max_upper": repr(product_of_sigma_max(spectra)),
         "note": f"over {len(spectra)} layers: {PRODUCT_NOTE}"})
     return rows
 
@@ -1015,21 +1096,28 @@ def write_summary_csv(path, spectra):
     atomic_write(os.fspath(path), write)
 
 
-def format_summary_table(spectra, max_name=48):
+def format_summary_table(spectra, max_name=40):
     """A plain-text table of the summary, for the terminal."""
     header = (f"{'#':>3}  {'layer':<{max_name}}  {'kernel':>14}  {'input':>9}  {'stride':>6}  "
-              f"{'sigma_max':>10}  {'sigma_min':>10}  {'cond':>9}  {'count':>8}")
+              f"{'padding':>8}  {'N':>9}  {'lower':>9}  {'upper':>9}  {'sigma_min':>9}  "
+              f"{'count':>8}")
     lines = [header, "-" * len(header)]
     for index, s in enumerate(spectra):
         g = s.geometry
         name = s.name if len(s.name) <= max_name else "..." + s.name[-(max_name - 3):]
         mark = "*" if g.approximate else ""
+        padding = "explicit" if not isinstance(g.padding, str) else g.padding
         lines.append(
             f"{index:>3}  {name:<{max_name}}  {_dims(g.kernel_shape):>14}  "
             f"{_dims(g.input_shape) + mark or '-':>9}  {_dims(g.strides) or '-':>6}  "
-            f"{s.sigma_max:>10.4g}  {s.sigma_min:>10.4g}  {s.condition_number:>9.3g}  "
+            f"{padding:>8}  {_dims(g.embedding_shape) or '-':>9}  "
+            f"{s.sigma_max_lower:>9.4g}  {s.sigma_max_upper:>9.4g}  {s.sigma_min:>9.4g}  "
             f"{s.count:>8}")
     lines.append("-" * len(header))
+    lines.append("lower <= ||layer|| <= upper (certified); sigma_min is the spectrum's: "
+                 "for zero-padded layers an upper bound on the layer's, for circular ones "
+                 "the circular operator's. N: the circular size whose spectrum bounds the "
+                 "layer.")
     lines.append(f"product of sigma_max over {len(spectra)} layers: "
                  f"{product_of_sigma_max(spectra):.6g} ({PRODUCT_NOTE})")
     if any(s.geometry.approximate for s in spectra):

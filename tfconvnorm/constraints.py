@@ -4,9 +4,14 @@ The math lives in `tfconvnorm.spectral`; these classes only carry the layer
 geometry (which Keras does not pass to a constraint), reshape depthwise
 kernels, and handle dtypes. They need the TensorFlow backend.
 
-The norm is the one of the *circular* convolution: for zero-padded layers
-('same' / 'valid' / 'causal') it bounds the layer's operator norm from above,
-so constraining it constrains the layer.
+Which operator: `padding=` names the layer's own padding ('same', 'valid',
+'causal', explicit pads), and the norm is then that of the circular
+convolution on the embedding size N, which contains the zero-padded layer as
+a submatrix: an upper bound on the layer's norm, so constraining it
+constrains the layer. `padding="circular"` (the default for a constraint
+built by hand, as in the raw spectral functions) is the published circular
+operator at the layer's input size, which does *not* bound a zero-padded
+layer. `constrain()` always passes the layer's own padding.
 
 XLA: Keras compiles the train step with XLA only when `compile(jit_compile=True)`
 is given, or with `jit_compile="auto"` (the default) on a machine with a GPU.
@@ -55,6 +60,21 @@ def _check_positive(value, argument, allow_zero=False):
     return value
 
 
+def _normalize_padding_arg(padding):
+    """A padding mode name, or per-axis (before, after) pairs as tuples (JSON
+    configs give lists)."""
+    if isinstance(padding, str):
+        if padding.lower() in spectral.PADDING_MODES:
+            return padding.lower()
+    elif isinstance(padding, (list, tuple)) and all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2
+            and all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in pair)
+            for pair in padding):
+        return tuple(tuple(pair) for pair in padding)
+    raise ValueError(f"`padding` must be one of {spectral.PADDING_MODES} or per-axis "
+                     f"(before, after) pairs of non-negative ints; received padding={padding!r}.")
+
+
 def _normalize_shape_arg(value, argument):
     """int or tuple of ints (lists from JSON configs become tuples)."""
     if isinstance(value, (list, tuple)):
@@ -70,7 +90,8 @@ def _normalize_shape_arg(value, argument):
 class _OperatorGeometry:
     """Geometry arguments shared by the constraint and the regularizer."""
 
-    def __init__(self, input_shape, strides, dilation_rate, groups, layout):
+    def __init__(self, input_shape, strides, dilation_rate, groups, layout,
+                 padding=spectral.CIRCULAR, output_padding=None):
         if layout not in LAYOUTS:
             raise ValueError(f"`layout` must be one of {LAYOUTS}; received layout={layout!r}.")
         if input_shape == [] or input_shape == ():
@@ -86,22 +107,42 @@ class _OperatorGeometry:
                              f"read from the kernel; leave groups=1. Received groups={groups}.")
         self.groups = groups
         self.layout = layout
+        self.padding = _normalize_padding_arg(padding)
+        if output_padding is not None:
+            if layout != LAYOUT_CONV_TRANSPOSE:
+                raise ValueError("`output_padding` is an argument of transposed convolutions "
+                                 "(layout='conv_transpose'); received output_padding="
+                                 f"{output_padding!r} with layout={layout!r}.")
+            items = (output_padding if isinstance(output_padding, (list, tuple))
+                     else [output_padding])
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items):
+                raise ValueError("`output_padding` must be None, a non-negative int or a tuple "
+                                 f"of them; received output_padding={output_padding!r}.")
+            if isinstance(output_padding, list):
+                output_padding = tuple(output_padding)
+        self.output_padding = output_padding
 
     def spectral_args(self, kernel_shape):
-        """(kernel in conv layout fn, spectral kwargs) for a kernel of this shape."""
+        """Keyword arguments of the spectral functions for a kernel of this shape
+        (in the conv layout)."""
         rank = len(kernel_shape) - 2
-        strides = self.strides
+
+        def per_axis(value):
+            return (value,) * rank if isinstance(value, int) else tuple(value)
+
         input_shape = self.input_shape
         groups = self.groups
         if self.layout == LAYOUT_CONV_TRANSPOSE:
-            # Adjoint of the strided conv on an input `strides` times larger.
-            size = (input_shape,) * rank if isinstance(input_shape, int) else input_shape
-            step = (strides,) * rank if isinstance(strides, int) else strides
-            input_shape = tuple(n * s for n, s in zip(size, step))
+            # The adjoint of a strided conv: that conv's input size.
+            input_shape = geometry_lib.transposed_forward_size(
+                per_axis(input_shape), tuple(kernel_shape[:rank]), per_axis(self.strides),
+                per_axis(self.dilation_rate), self.padding,
+                None if self.output_padding is None else per_axis(self.output_padding),
+                "The transposed convolution this constraint describes")
         elif self.layout == LAYOUT_DEPTHWISE:
             groups = kernel_shape[-2]
-        return dict(input_shape=input_shape, strides=strides,
-                    dilation_rate=self.dilation_rate, groups=groups)
+        return dict(input_shape=input_shape, strides=self.strides,
+                    dilation_rate=self.dilation_rate, groups=groups, padding=self.padding)
 
     def kind(self):
         return {LAYOUT_CONV: geometry_lib.KIND_CONV,
@@ -109,8 +150,12 @@ class _OperatorGeometry:
                 LAYOUT_CONV_TRANSPOSE: geometry_lib.KIND_CONV_TRANSPOSE}[self.layout]
 
     def config(self):
-        return dict(input_shape=self.input_shape, strides=self.strides,
-                    dilation_rate=self.dilation_rate, groups=self.groups, layout=self.layout)
+        config = dict(input_shape=self.input_shape, strides=self.strides,
+                      dilation_rate=self.dilation_rate, groups=self.groups, layout=self.layout,
+                      padding=self.padding)
+        if self.output_padding is not None:
+            config["output_padding"] = self.output_padding
+        return config
 
 
 def _to_core(w):
@@ -134,10 +179,11 @@ class OperatorNormConstraint(keras.constraints.Constraint):
     """Constrains a convolution's exact operator norm (largest singular value).
 
     After each optimizer step Keras replaces the kernel by its projection onto
-    {kernels of this shape whose circular convolution operator has norm <=
-    `max_norm`}, computed from the exact spectrum (Sedghi et al., ICLR 2019).
-    For zero-padded layers the circular norm bounds the layer's own norm
-    from above. Stateless; serializable.
+    {kernels of this shape whose operator has norm <= `max_norm`}, computed
+    from the exact spectrum (Sedghi et al., ICLR 2019). With the layer's own
+    `padding` the operator is the circular convolution on the embedding size
+    N that contains the zero-padded layer, so the layer's own norm is within
+    the bound afterwards. Stateless; serializable.
 
     Kernel layouts (`layout`):
       * "conv": `(*kernel_size, in_channels // groups, filters)`, as Conv1D/2D/3D,
@@ -154,9 +200,18 @@ class OperatorNormConstraint(keras.constraints.Constraint):
       max_norm: the bound, a finite number > 0.
       input_shape: spatial size of the layer's input (an int: every axis);
         `()` for Dense. For "conv_transpose" too it is the layer's input size.
-      strides, dilation_rate: the layer's, int or per-axis tuple. Each stride
-        must divide the input size (transposed layers excepted).
+      strides, dilation_rate: the layer's, int or per-axis tuple. With
+        padding="circular" each stride must divide the input size
+        (transposed layers excepted).
       groups: the layer's `groups` (layout "conv" only).
+      padding: the layer's padding, "same", "valid", "causal" or per-axis
+        (before, after) pairs: the constraint then bounds the real layer.
+        "circular" (the default, for configs saved before this argument
+        existed) constrains the published circular operator at
+        `input_shape`, which does not bound a zero-padded layer.
+      output_padding: the transposed layer's `output_padding` (layout
+        "conv_transpose" only), which with a zero padding fixes its output
+        size.
       method: "alternating" (default, guarantees the bound), "paper" (the
         published single clip) or "exact" (Euclidean projection); see
         `tfconvnorm.clip_conv_singular_values`.
@@ -167,7 +222,8 @@ class OperatorNormConstraint(keras.constraints.Constraint):
 
     >>> layer = keras.layers.Conv2D(
     ...     16, 3, strides=2, padding="same",
-    ...     kernel_constraint=OperatorNormConstraint(1.0, input_shape=(32, 32), strides=2))
+    ...     kernel_constraint=OperatorNormConstraint(1.0, input_shape=(32, 32), strides=2,
+    ...                                              padding="same"))
 
     `tfconvnorm.constrain(model, 1.0)` attaches these with the right geometry
     to every layer of a built model. Compile such models with
@@ -175,7 +231,8 @@ class OperatorNormConstraint(keras.constraints.Constraint):
     """
 
     def __init__(self, max_norm, input_shape, strides=1, dilation_rate=1, groups=1,
-                 method=spectral.DEFAULT_METHOD, iterations=None, layout=LAYOUT_CONV):
+                 method=spectral.DEFAULT_METHOD, iterations=None, layout=LAYOUT_CONV,
+                 padding=spectral.CIRCULAR, output_padding=None):
         self.max_norm = _check_positive(max_norm, "max_norm")
         if method not in spectral.METHODS:
             raise ValueError(f"`method` must be one of {spectral.METHODS}; received "
@@ -186,10 +243,12 @@ class OperatorNormConstraint(keras.constraints.Constraint):
                              f"iterations={iterations!r}.")
         self.method = method
         self.iterations = iterations
-        self._geometry = _OperatorGeometry(input_shape, strides, dilation_rate, groups, layout)
+        self._geometry = _OperatorGeometry(input_shape, strides, dilation_rate, groups, layout,
+                                           padding, output_padding)
 
     input_shape = property(lambda self: self._geometry.input_shape)
     layout = property(lambda self: self._geometry.layout)
+    padding = property(lambda self: self._geometry.padding)
 
     def __call__(self, w):
         kernel, dtype = _to_core(w)
@@ -221,11 +280,11 @@ class OperatorNormRegularizer(keras.regularizers.Regularizer):
     """Penalises a convolution's exact operator norm above a threshold.
 
     Adds `weight * max(0, sigma_max - threshold)` to the loss, where
-    `sigma_max` is the largest singular value of the layer's circular
-    convolution operator (an upper bound on the zero-padded layer's norm).
-    Differentiable; stateless; serializable. Arguments `input_shape`,
-    `strides`, `dilation_rate`, `groups` and `layout` are those of
-    `OperatorNormConstraint`.
+    `sigma_max` is the norm `OperatorNormConstraint` bounds with the same
+    geometry (with the layer's `padding`: an upper bound on the zero-padded
+    layer's norm). Differentiable; stateless; serializable. Arguments
+    `input_shape`, `strides`, `dilation_rate`, `groups`, `layout`, `padding`
+    and `output_padding` are those of `OperatorNormConstraint`.
 
     Args:
       weight: penalty factor, a finite number >= 0.
@@ -236,14 +295,16 @@ class OperatorNormRegularizer(keras.regularizers.Regularizer):
     >>> layer = keras.layers.Conv2D(
     ...     16, 3, padding="same",
     ...     kernel_regularizer=OperatorNormRegularizer(1e-3, input_shape=(32, 32),
-    ...                                                threshold=1.0))
+    ...                                                threshold=1.0, padding="same"))
     """
 
     def __init__(self, weight, input_shape, strides=1, dilation_rate=1, groups=1,
-                 threshold=0.0, layout=LAYOUT_CONV):
+                 threshold=0.0, layout=LAYOUT_CONV, padding=spectral.CIRCULAR,
+                 output_padding=None):
         self.weight = _check_positive(weight, "weight", allow_zero=True)
         self.threshold = _check_positive(threshold, "threshold", allow_zero=True)
-        self._geometry = _OperatorGeometry(input_shape, strides, dilation_rate, groups, layout)
+        self._geometry = _OperatorGeometry(input_shape, strides, dilation_rate, groups, layout,
+                                           padding, output_padding)
 
     input_shape = property(lambda self: self._geometry.input_shape)
     layout = property(lambda self: self._geometry.layout)
@@ -264,24 +325,31 @@ class OperatorNormRegularizer(keras.regularizers.Regularizer):
         return f"{type(self).__name__}({args})"
 
 
-def _geometry_args(geometry):
-    """Constraint arguments reproducing a `ConvGeometry`."""
+def _geometry_args(operator):
+    """Constraint arguments reproducing a `LayerOperator`'s geometry."""
+    geometry = operator.geometry
     layout = _LAYOUT_OF_KIND[geometry.kind]
-    return dict(input_shape=geometry.layer_input_shape, strides=geometry.strides or 1,
+    args = dict(input_shape=geometry.layer_input_shape, strides=geometry.strides or 1,
                 dilation_rate=geometry.dilation_rate or 1,
-                groups=geometry.groups if layout == LAYOUT_CONV else 1, layout=layout)
+                groups=geometry.groups if layout == LAYOUT_CONV else 1, layout=layout,
+                padding=(spectral.CIRCULAR if geometry.kind == geometry_lib.KIND_DENSE
+                         else geometry.padding))
+    if layout == LAYOUT_CONV_TRANSPOSE and geometry.padding != spectral.CIRCULAR:
+        output_padding = getattr(operator.layer, "output_padding", None)
+        args["output_padding"] = None if output_padding is None else tuple(output_padding)
+    return args
 
 
 def constraint_for(operator, max_norm, method=spectral.DEFAULT_METHOD, iterations=None):
     """An `OperatorNormConstraint` with the geometry of a `LayerOperator`."""
     return OperatorNormConstraint(max_norm, method=method, iterations=iterations,
-                                  **_geometry_args(operator.geometry))
+                                  **_geometry_args(operator))
 
 
 def regularizer_for(operator, weight, threshold=0.0):
     """An `OperatorNormRegularizer` with the geometry of a `LayerOperator`."""
     return OperatorNormRegularizer(weight, threshold=threshold,
-                                   **_geometry_args(operator.geometry))
+                                   **_geometry_args(operator))
 
 
 def constrain(model, max_norm, method=spectral.DEFAULT_METHOD, layers=None, kinds=None,
@@ -289,7 +357,9 @@ def constrain(model, max_norm, method=spectral.DEFAULT_METHOD, layers=None, kind
     """Attaches `OperatorNormConstraint`s to the operator layers of a built model.
 
     Each kernel gets a constraint with its own geometry (input size read from
-    the model, strides, dilation, groups, layout), set both on the variable
+    the model, strides, dilation, groups, layout, and the layer's own
+    padding, so that the bound holds for the layer the model computes), set
+    both on the variable
     (used by the optimizer) and on the layer's `*_constraint` attribute (saved
     with the model). A compiled model's train function is reset so the next
     `fit` uses them, and XLA is turned off for it (see the module docstring).
@@ -305,8 +375,9 @@ def constrain(model, max_norm, method=spectral.DEFAULT_METHOD, layers=None, kind
       kinds: operator kinds to constrain, e.g. `tfconvnorm.CONV_KINDS`.
       apply_now: project the kernels now too (all computed before any is
         assigned, so a non-finite kernel leaves every kernel unchanged).
-      **geometry_kwargs: `input_shape`, `layer_input_shapes`, `round_up`, as
-        for `tfconvnorm.model_geometry`.
+      **geometry_kwargs: `input_shape`, `layer_input_shapes`, `boundary`,
+        `round_up`, as for `tfconvnorm.model_geometry` (`boundary="circular"`:
+        constrain the published circular operators instead).
 
     Returns:
       `{kernel variable path: OperatorNormConstraint}`, what was attached.

@@ -1,20 +1,27 @@
 """Which Keras layers are linear operators, and the geometry the spectral core needs.
 
 A layer's singular values depend on more than its kernel: the spatial size of
-its input, strides, dilation and groups. This module reads all of that from a
-built Keras 3 model so that users (and `constraints` / `callbacks`) never work
-out input sizes by hand. It holds no math: the kernels are only reshaped
-between the layer's layout and the convolution layout of `tfconvnorm.spectral`.
+its input, strides, dilation, groups and padding. This module reads all of
+that from a built Keras 3 model so that users (and `constraints` /
+`callbacks`) never work out input sizes by hand. It holds no math: the
+kernels are only reshaped between the layer's layout and the convolution
+layout of `tfconvnorm.spectral`.
 
-The spectrum described here is the one of the *circular* convolution. For
-zero-padded layers ('same', 'valid', 'causal') it bounds the operator norm of
-the layer from above, so a constraint on it is a safe constraint on the layer.
+By default (`boundary="layer"`) every geometry carries the layer's own zero
+padding, so the spectral core bounds the layer the model actually computes:
+its spectrum is that of the circular convolution on the embedding size N
+(`tfconvnorm.spectral.circular_embedding`), an entrywise upper bound on the
+layer's. `boundary="circular"` describes the published operator instead:
+the circular convolution at the layer's own input size, which is *not* a
+bound on a zero-padded layer.
 """
 
 import dataclasses
 
 import keras
 import tensorflow as tf
+
+from tfconvnorm import spectral
 
 # The kinds of operator a kernel variable can be.
 KIND_CONV = "conv"
@@ -31,6 +38,12 @@ CONV_KINDS = tuple(kind for kind in ALL_KINDS if kind != KIND_DENSE)
 DEPTHWISE_KINDS = (KIND_DEPTHWISE, KIND_SEPARABLE_DEPTHWISE)
 # Recorded as `padding` for Dense layers, which have none.
 DENSE_PADDING = "dense"
+#: `boundary` choices of `model_geometry`: the layer's own zero padding (every
+#: number a certified bound for the real layer), or the circular operator at
+#: the layer's input size (the published operator, for reproducing the paper).
+BOUNDARY_LAYER = "layer"
+BOUNDARY_CIRCULAR = spectral.CIRCULAR
+BOUNDARIES = (BOUNDARY_LAYER, BOUNDARY_CIRCULAR)
 
 _CONV_CLASSES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 _CONV_TRANSPOSE_CLASSES = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
@@ -51,18 +64,21 @@ class ConvGeometry:
         `(*spatial, c_in // groups, c_out)` given to `tfconvnorm.spectral`
         (a depthwise kernel `(*k, c_in, m)` appears as `(*k, 1, c_in * m)`).
       input_shape: spatial input size given to the spectral core. For a
-        transposed convolution this is the layer's input size times the
-        strides: the layer is the adjoint of the strided convolution of that
-        size, and has the same singular values. `()` for Dense.
+        transposed convolution, the input size of the strided convolution
+        it is the adjoint of (same singular values): the layer's output size
+        with a zero padding, its input size times the strides for
+        "circular". `()` for Dense.
       strides, dilation_rate: per spatial axis.
       groups: channel groups (`c_in` for depthwise kernels).
       kind: one of `ALL_KINDS`.
-      padding: the layer's padding ('same', 'valid', 'causal'; 'dense' for
-        Dense). The spectrum is the circular one whatever the padding; it
-        bounds the zero-padded layer's operator norm from above.
+      padding: the operator's padding, passed to the spectral core: the
+        layer's own ('same', 'valid', 'causal'), "circular" for the
+        published operator, 'dense' for Dense (no boundary).
       approximate: True when the input size was rounded up so that the
-        stride divides it (the spectrum is then that of a slightly larger
-        circular operator).
+        stride divides it ("circular" only; the spectrum is then that of a
+        slightly larger circular operator).
+      layer_padding: the layer's own padding, where `padding` is
+        "circular"; None when they agree.
     """
 
     kernel_shape: tuple
@@ -73,18 +89,51 @@ class ConvGeometry:
     kind: str
     padding: str = "same"
     approximate: bool = False
+    layer_padding: str = None
 
     def spectral_kwargs(self):
         """Keyword arguments for the `tfconvnorm.spectral` functions."""
-        return dict(input_shape=self.input_shape, strides=self.strides,
-                    dilation_rate=self.dilation_rate, groups=self.groups)
+        kwargs = dict(input_shape=self.input_shape, strides=self.strides,
+                      dilation_rate=self.dilation_rate, groups=self.groups)
+        if self.kind != KIND_DENSE:
+            kwargs["padding"] = self.padding
+        return kwargs
+
+    @property
+    def embedding(self):
+        """`tfconvnorm.spectral.CircularEmbedding` of the operator: the circular
+        size N whose spectrum is computed, the output size and the pads."""
+        if self.kind == KIND_DENSE:
+            return spectral.CircularEmbedding((), (), ())
+        return spectral.circular_embedding(self.kernel_shape[:-2], self.input_shape,
+                                           self.strides, self.dilation_rate, self.padding)
+
+    @property
+    def embedding_shape(self):
+        """The circular operator's input size N (`input_shape` for "circular")."""
+        return self.embedding.input_shape
 
     @property
     def layer_input_shape(self):
         """Spatial size of the input of the layer (or layer part) itself."""
         if self.kind == KIND_CONV_TRANSPOSE:
-            return tuple(n // s for n, s in zip(self.input_shape, self.strides))
+            return self.embedding.output_shape
         return self.input_shape
+
+    @property
+    def is_certified(self):
+        """True when the spectral core's numbers bound the layer itself: its own
+        zero padding (or no boundary: Dense) and no rounding."""
+        return not self.approximate and (
+            self.kind == KIND_DENSE or self.padding != spectral.CIRCULAR
+            or self.layer_padding in (None, spectral.CIRCULAR))
+
+
+def spectra_title(geometries):
+    """What the spectra of these operators are, in words (plot titles)."""
+    if all(g.padding == spectral.CIRCULAR or g.kind == KIND_DENSE for g in geometries):
+        return "singular values of each layer's circular convolution"
+    return "upper bounds on each layer's singular values (circular embedding of its padding)"
 
 
 def to_conv_layout(kernel, kind):
@@ -197,16 +246,68 @@ def _kernel_variable(layer, attribute):
 
 
 def _divisible_size(layer, size, strides, round_up):
-    """Checks that each stride divides the input size, or rounds the size up."""
+    """Checks that each stride divides the input size, or rounds the size up
+    (for the circular operator only: a zero-padded layer needs neither)."""
     if all(n % s == 0 for n, s in zip(size, strides)):
         return size, False
     if not round_up:
         raise ValueError(
             f"Layer '{layer.name}': its strides {strides} do not divide its input size "
-            f"{size}, so the circular operator is not defined. Pass round_up=True to use "
-            "the next multiple of the stride (an approximation), or an input size the "
-            "stride divides.")
+            f"{size}, so the circular operator (boundary='circular') is not defined. Use "
+            "the layer's own padding (boundary='layer', the default), pass round_up=True "
+            "to use the next multiple of the stride (an approximation), or an input size "
+            "the stride divides.")
     return tuple(-(-n // s) * s for n, s in zip(size, strides)), True
+
+
+def conv_transpose_output_size(size, kernel_size, strides, dilation_rate, padding,
+                               output_padding=None):
+    """Spatial output size of a Keras Conv*DTranspose layer (Keras' own rule,
+    per axis), i.e. the input size of the strided convolution it is the
+    adjoint of."""
+    rank = len(size)
+    output_padding = (None,) * rank if output_padding is None else tuple(output_padding)
+    result = []
+    for n, k, s, d, extra in zip(size, kernel_size, strides, dilation_rate, output_padding):
+        extent = (k - 1) * d + 1
+        if padding == "valid":
+            extra = max(extent, s) - extent if extra is None else extra
+            result.append((n - 1) * s + extent + extra)
+        elif extra is None:
+            result.append(n * s)
+        else:
+            result.append((n - 1) * s + extent % 2 + extra)
+    return tuple(result)
+
+
+def transposed_forward_size(spatial, kernel_size, strides, dilation_rate, padding,
+                            output_padding=None, what="The transposed convolution"):
+    """Input size of the strided convolution a transposed one is the adjoint of.
+
+    With a zero padding: the transposed layer's output size (Keras' rule),
+    checked to map back onto its input size `spatial`. For "circular": the
+    input size times the strides (always divisible).
+    """
+    spatial = tuple(spatial)
+    if padding == spectral.CIRCULAR:
+        return tuple(n * s for n, s in zip(spatial, strides))
+    size = conv_transpose_output_size(spatial, kernel_size, strides, dilation_rate, padding,
+                                      output_padding)
+    forward = spectral.circular_embedding(kernel_size, size, strides, dilation_rate,
+                                          padding).output_shape
+    if forward != spatial:
+        raise ValueError(
+            f"{what}: a {padding!r} convolution of its output size {size} has output size "
+            f"{forward}, not its input size {spatial}, so it is not that convolution's "
+            f"adjoint (output_padding={output_padding}).")
+    return size
+
+
+def _operator_padding(layer, boundary):
+    """(padding for the spectral core, the layer's own padding if it differs)."""
+    if boundary == BOUNDARY_CIRCULAR:
+        return spectral.CIRCULAR, layer.padding
+    return layer.padding, None
 
 
 def _unique_names(operators):
@@ -225,7 +326,7 @@ def _unique_names(operators):
     return result
 
 
-def _operators_for(layer, spatial, round_up=False):
+def _operators_for(layer, spatial, round_up=False, boundary=BOUNDARY_LAYER):
     """The `LayerOperator`s of one built layer whose spatial input size is known."""
     if isinstance(layer, _DENSE_CLASSES):
         variable = _kernel_variable(layer, "kernel")
@@ -235,21 +336,23 @@ def _operators_for(layer, spatial, round_up=False):
 
     strides = tuple(layer.strides)
     dilation = tuple(layer.dilation_rate)
-    padding = layer.padding
+    padding, layer_padding = _operator_padding(layer, boundary)
     if isinstance(layer, _CONV_TRANSPOSE_CLASSES):
         variable = _kernel_variable(layer, "kernel")
-        # The adjoint of the convolution with these strides on an input
-        # `strides` times larger: same singular values, always divisible.
-        size = tuple(n * s for n, s in zip(spatial, strides))
+        kernel_size = tuple(variable.shape[:-2])
+        size = transposed_forward_size(spatial, kernel_size, strides, dilation, padding,
+                                       layer.output_padding, f"Layer '{layer.name}'")
         geometry = ConvGeometry(tuple(variable.shape), size, strides, dilation, 1,
-                                KIND_CONV_TRANSPOSE, padding)
+                                KIND_CONV_TRANSPOSE, padding, layer_padding=layer_padding)
         return [LayerOperator(variable.path, layer, variable, geometry)]
 
-    size, approximate = _divisible_size(layer, spatial, strides, round_up)
+    size, approximate = ((spatial, False) if padding != spectral.CIRCULAR
+                         else _divisible_size(layer, spatial, strides, round_up))
     if isinstance(layer, _CONV_CLASSES):
         variable = _kernel_variable(layer, "kernel")
         geometry = ConvGeometry(tuple(variable.shape), size, strides, dilation,
-                                int(layer.groups), KIND_CONV, padding, approximate)
+                                int(layer.groups), KIND_CONV, padding, approximate,
+                                layer_padding)
         return [LayerOperator(variable.path, layer, variable, geometry)]
 
     if isinstance(layer, _DEPTHWISE_CLASSES):
@@ -261,16 +364,20 @@ def _operators_for(layer, spatial, round_up=False):
     shape = tuple(variable.shape)
     conv_shape = shape[:-2] + (1, shape[-2] * shape[-1])
     depthwise = LayerOperator(variable.path, layer, variable, ConvGeometry(
-        conv_shape, size, strides, dilation, shape[-2], kind, padding, approximate))
+        conv_shape, size, strides, dilation, shape[-2], kind, padding, approximate,
+        layer_padding))
     if kind == KIND_DEPTHWISE:
         return [depthwise]
     pointwise_variable = _kernel_variable(layer, "pointwise_kernel")
-    # The pointwise part sees the depthwise part's (circular) output size.
-    pointwise_size = tuple(n // s for n, s in zip(size, strides))
+    # The pointwise part is a 1x1 convolution of the depthwise part's output:
+    # the same operator with every padding ('valid', no pads), and exactly
+    # circular.
+    pointwise_size = depthwise.geometry.embedding.output_shape
     rank = len(pointwise_size)
     pointwise = LayerOperator(pointwise_variable.path, layer, pointwise_variable, ConvGeometry(
         tuple(pointwise_variable.shape), pointwise_size, (1,) * rank, (1,) * rank, 1,
-        KIND_SEPARABLE_POINTWISE, padding, approximate))
+        KIND_SEPARABLE_POINTWISE, "valid" if padding != spectral.CIRCULAR else padding,
+        approximate, layer_padding))
     return [depthwise, pointwise]
 
 
@@ -324,7 +431,13 @@ def _agreed_spatial(layer, shapes):
     return sizes[0] if sizes else None
 
 
-def layer_geometry(layer, input_shape=None, round_up=False):
+def _check_boundary(boundary):
+    if boundary not in BOUNDARIES:
+        raise ValueError(f"`boundary` must be one of {BOUNDARIES}; received "
+                         f"boundary={boundary!r}.")
+
+
+def layer_geometry(layer, input_shape=None, round_up=False, boundary=BOUNDARY_LAYER):
     """Geometry of every linear-operator kernel of one built Keras layer.
 
     Args:
@@ -333,16 +446,22 @@ def layer_geometry(layer, input_shape=None, round_up=False):
       input_shape: spatial size of the layer's input (an int: the same on every
         axis). By default it is read from the shapes Keras recorded for the
         layer (its calls in a functional model, or its build shape).
-      round_up: when a stride does not divide the input size, use the next
-        multiple of the stride (marked `approximate`) instead of raising.
+      round_up: with `boundary="circular"`, when a stride does not divide the
+        input size, use the next multiple of the stride (marked
+        `approximate`) instead of raising. A zero-padded layer never needs it.
+      boundary: "layer" (default): the layer's own zero padding, so that the
+        spectral core bounds the layer itself; "circular": the published
+        circular operator at the layer's input size (not a bound on a
+        zero-padded layer).
 
     Returns:
       A list of `LayerOperator`, one per kernel variable.
 
     Raises:
       ValueError: the layer is not an operator layer, not built, its input size
-        is unknown or ambiguous, or a stride does not divide it.
+        is unknown or ambiguous, or ("circular") a stride does not divide it.
     """
+    _check_boundary(boundary)
     if not is_operator_layer(layer):
         raise ValueError(
             f"Layer '{getattr(layer, 'name', layer)}' ({type(layer).__name__}) is not a "
@@ -360,7 +479,7 @@ def layer_geometry(layer, input_shape=None, round_up=False):
     if not all(d > 0 for d in spatial):
         raise ValueError(f"Layer '{layer.name}': input sizes must be positive; received "
                          f"input_shape={spatial}.")
-    return _unique_names(_operators_for(layer, spatial, round_up))
+    return _unique_names(_operators_for(layer, spatial, round_up, boundary))
 
 
 # ---------------------------------------------------------------------------
@@ -445,7 +564,7 @@ def _layer_names(model):
 
 
 def model_geometry(model, layers=None, input_shape=None, layer_input_shapes=None,
-                   kinds=None, round_up=False):
+                   kinds=None, round_up=False, boundary=BOUNDARY_LAYER):
     """Every linear-operator kernel of a built Keras model, with its geometry.
 
     Input sizes come from the model's own graph: functional and Sequential
@@ -462,7 +581,8 @@ def model_geometry(model, layers=None, input_shape=None, layer_input_shapes=None
       layer_input_shapes: `{layer_name: spatial_size}` overriding sizes read
         from the model.
       kinds: operator kinds to keep (see `ALL_KINDS`, `CONV_KINDS`); default all.
-      round_up: see `layer_geometry`.
+      round_up, boundary: see `layer_geometry`. By default every geometry is
+        that of the layer's own zero padding.
 
     Returns:
       A list of `LayerOperator` in the order of `model._flatten_layers()`.
@@ -474,6 +594,7 @@ def model_geometry(model, layers=None, input_shape=None, layer_input_shapes=None
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a keras.Model; received {type(model).__name__}.")
     _check_built(model)
+    _check_boundary(boundary)
     if kinds is not None:
         unknown = [k for k in kinds if k not in ALL_KINDS]
         if unknown:
@@ -503,7 +624,7 @@ def model_geometry(model, layers=None, input_shape=None, layer_input_shapes=None
             continue
         try:
             operators.extend(_model_layer_operators(layer, seen_shapes, layer_input_shapes,
-                                                    round_up))
+                                                    round_up, boundary))
         except ValueError:
             # A layer left out by `layers` (given by layer name or variable
             # path "<...>/<layer>/<kernel>") may be one we cannot describe.
@@ -516,7 +637,7 @@ def model_geometry(model, layers=None, input_shape=None, layer_input_shapes=None
     return select_operators(operators, layers, model)
 
 
-def _model_layer_operators(layer, seen_shapes, layer_input_shapes, round_up):
+def _model_layer_operators(layer, seen_shapes, layer_input_shapes, round_up, boundary):
     """`layer_geometry` with the input size read from the model walk."""
     if isinstance(layer, _DENSE_CLASSES):
         return layer_geometry(layer)
@@ -533,7 +654,7 @@ def _model_layer_operators(layer, seen_shapes, layer_input_shapes, round_up):
                 size = recorded
     if size is None or any(d is None for d in _as_tuple(size, layer.rank, "input_shape")):
         raise _unknown_size_error(layer, size)
-    return layer_geometry(layer, input_shape=size, round_up=round_up)
+    return layer_geometry(layer, input_shape=size, round_up=round_up, boundary=boundary)
 
 
 def select_operators(operators, layers, model=None):
