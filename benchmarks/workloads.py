@@ -34,7 +34,7 @@ from benchmarks import alternatives
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm import reference
 
-WORKLOADS = ("figure1", "largest_sv", "spectra", "clip", "breakdown")
+WORKLOADS = ("figure1", "largest_sv", "spectra", "clip", "breakdown", "padding")
 DEFAULT_REPEATS = 5
 # Per method and case: beyond this many seconds, fewer repeats (at least one).
 DEFAULT_TIME_CAP_S = 10.0
@@ -45,6 +45,10 @@ DEFAULT_SKIP_ABOVE_S = 30.0
 # operator norms of about 1.5-5, so every layer is clipped).
 CLIP_MAX_NORM = 1.0
 TRAIN_BATCH_SIZE = 128
+# The padding workload: MobileNetV2's input size, and the power iterations
+# behind its "true" norms.
+PADDING_MOBILENET_SIZE = 64
+PADDING_POWER_ITERATIONS = 500
 # SVD cost grows as c^3 in the channel count; used only to decide what to skip.
 _SWEEP_COST_EXPONENT = 3
 
@@ -174,6 +178,9 @@ class Config:
     layer_sets: dict = dataclasses.field(default_factory=lambda: {
         "ResNet-32": resnet32_layers, "ResNet50V2@224": resnet50v2_layers})
     train_model: Optional[Callable[[], Any]] = None  # default: resnet32_model
+    # The padding workload's models: name -> (seed) -> built keras model.
+    padding_models: dict = dataclasses.field(default_factory=lambda: {
+        "ResNet-32": resnet32_model, "MobileNetV2@64": mobilenetv2_model})
     train_input_shape: tuple = (32, 32, 3)
     figure1_sweeps: Optional[tuple] = None
     largest_sv_layers: Optional[tuple] = None
@@ -899,5 +906,126 @@ def breakdown(config):
                                    "between rows is the time of the stage they add"]), config)
 
 
+# ---------------------------------------------------------------------------
+# Workload 6 (issue 10): the bounds of zero-padded layers, their cost and tightness.
+
+
+def mobilenetv2_model(seed=0, image_size=PADDING_MOBILENET_SIZE):
+    """keras.applications.MobileNetV2 (random weights): depthwise convs with
+    strides on odd feature-map sizes."""
+    import keras  # pylint: disable=g-import-not-at-top
+    keras.utils.set_random_seed(seed)
+    return keras.applications.MobileNetV2(weights=None, include_top=False,
+                                          input_shape=(image_size, image_size, 3))
+
+
+def _model_operators(model, boundary="layer"):
+    """(operators, kernels in the conv layout) of a model's convs."""
+    operators = geometry_lib.model_geometry(model, kinds=geometry_lib.CONV_KINDS,
+                                            boundary=boundary, round_up=True)
+    return operators, [tf.constant(op.to_spectral(op.variable.numpy())) for op in operators]
+
+
+def _long_power_iteration(kernels, geometries, iterations):
+    """Power iteration on each real layer (`tfconvnorm.spectral.apply_convolution`,
+    its own zero padding; adjoint by autodiff): ||A v|| / ||v||, an estimate from
+    below of each layer's norm, independent of the DFT."""
+    from tfconvnorm.spectral import operator  # pylint: disable=g-import-not-at-top
+    runs = []
+    for kernel, geometry in zip(kernels, geometries):
+        g = operator.Geometry(kernel.shape, **geometry.spectral_kwargs())
+
+        @tf.function
+        def run(kernel, g=g):
+            x = tf.random.stateless_normal((1,) + g.layer_input_shape + (g.c_in,), seed=[5, 6])
+
+            def step(_, x):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    energy = 0.5 * tf.reduce_sum(tf.square(
+                        tfconvnorm.spectral.apply_convolution(x, kernel, g)))
+                z = tape.gradient(energy, x)
+                return _ + 1, z / tf.norm(z)
+
+            _, x = tf.while_loop(lambda i, _: i < iterations, step, (0, x))
+            return tf.norm(tfconvnorm.spectral.apply_convolution(x, kernel, g)) / tf.norm(x)
+        runs.append(run)
+    return lambda: [run(kernel) for run, kernel in zip(runs, kernels)]
+
+
+def padding(config):
+    """Speed: the padding-aware norm against the circular one (ResNet-32).
+    Tightness: each layer's certified interval against a long power iteration
+    on the real layer (ResNet-32 and MobileNetV2)."""
+    iterations = 50 if config.quick else PADDING_POWER_ITERATIONS
+    for set_name, build in config.padding_models.items():
+        model = build(config.seed)
+        operators, kernels = _model_operators(model)
+        circular, _ = _model_operators(model, boundary="circular")
+        geometries = [op.geometry for op in operators]
+        upper_name, lower_name = "upper bound (circular on N)", "certified interval (bounds_many)"
+        power_name = f"power iteration x{iterations} on the layer"
+        circular_name = "circular operator at the input size (not a bound)"
+
+        @tf.function
+        def uppers(kernels):
+            return tfconvnorm.conv_operator_norm_many(kernels, geometries)
+
+        @tf.function
+        def circular_norms(kernels):
+            return tfconvnorm.conv_operator_norm_many(kernels, [op.geometry for op in circular])
+
+        def interval():
+            bounds = tfconvnorm.conv_operator_norm_bounds_many(kernels, geometries)
+            return [b.lower for b in bounds]
+
+        methods = [
+            Method(upper_name, lambda: uppers(kernels), compiled=True,
+                   note="conv_operator_norm_many with the layers' own padding, one tf.function"),
+            Method(circular_name, lambda: circular_norms(kernels), compiled=True,
+                   note="the published operator: conv_operator_norm_many, padding='circular'"),
+            Method(lower_name, interval,
+                   note=f"conv_operator_norm_bounds_many: float64 upper bounds + Lanczos "
+                        f"x{tfconvnorm.DEFAULT_POWER_ITERATIONS} on each layer (lower shown)"),
+            Method(power_name, _long_power_iteration(kernels, geometries, iterations),
+                   note="an independent estimate from below of each layer's norm"),
+        ]
+
+        def evaluate(outputs):
+            values = {m: np.asarray([float(v) for v in out]) for m, out in outputs.items()}
+            if upper_name not in values or power_name not in values:
+                return {}
+            # The best value known from below (the true norm is in [best, upper]).
+            best = np.maximum(values[power_name], values.get(lower_name, 0))
+            result = {}
+            for method, value in values.items():
+                ratio = value / best
+                result[method] = {"median_ratio": np.median(ratio), "min_ratio": np.min(ratio),
+                                  "max_ratio": np.max(ratio)}
+            return result
+
+        def targets(rows):
+            circ = rows[circular_name]["median_s"]
+            padded = rows[upper_name]["median_s"]
+            share = padded / circ if padded and circ else None
+            return [dict(target="padding-aware norm of every conv <= 1.2x the circular one",
+                         value=share, threshold=1.2, met=None if share is None else share <= 1.2,
+                         note="time ratio")] if set_name == "ResNet-32" else []
+
+        notes = ["ratios are value / best, best = max(power iteration, certified lower bound) "
+                 "per layer: the true norm lies in [best, upper], so upper / best "
+                 "over-states the upper bound's gap and lower / best under-states the lower's",
+                 "the circular row is the published operator at the layer's input size; "
+                 "its ratio < 1 on some layer means it is not an upper bound there"]
+        yield run_case(Case("padding", f"{set_name}: {len(operators)} convs with their own "
+                            "padding", methods, reference=upper_name,
+                            params=dict(layer_set=set_name, layers=len(operators),
+                                        power_iterations=iterations),
+                            metrics=(("median_ratio", "median / best"),
+                                     ("min_ratio", "min / best"),
+                                     ("max_ratio", "max / best")),
+                            evaluate=evaluate, targets=targets, notes=notes), config)
+
+
 WORKLOAD_FUNCTIONS = dict(figure1=figure1, largest_sv=largest_sv, spectra=spectra, clip=clip,
-                          breakdown=breakdown)
+                          breakdown=breakdown, padding=padding)

@@ -26,7 +26,7 @@ def test_import_works_without_matplotlib_tfds_or_absl_flags_parsing():
 
 
 def test_library_modules_import_matplotlib_only_inside_functions():
-    for path in (ROOT / "tfconvnorm").glob("*.py"):
+    for path in (ROOT / "tfconvnorm").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in tree.body:
             names = []

@@ -26,6 +26,8 @@ from tfconvnorm.spectral import (
     conv_operator_norm_bounds,
     conv_operator_norm_bounds_many,
     NormBounds,
+    DEFAULT_POWER_ITERATIONS,
+    apply_convolution,
 )
 from tfconvnorm.geometry import (
     ALL_KINDS,

@@ -14,6 +14,8 @@ import numpy as np
 # The explicit matrix has (prod(input_shape) * c)^2 entries; refuse sizes that
 # would silently eat the machine.
 MAX_EXPLICIT_ENTRIES = 64_000_000
+# Basis vectors `function_matrix` passes at once (bounds its memory).
+_BASIS_CHUNK = 1024
 
 
 def published_singular_values(kernel, input_shape):
@@ -166,11 +168,16 @@ def function_matrix(function, input_shape):
     `function(e_j)` flattened. `function` takes and returns NumPy arrays with
     a leading batch axis (e.g. `lambda x: keras_layer(x).numpy()`)."""
     size = int(np.prod(input_shape, dtype=np.int64))
-    basis = np.eye(size).reshape((size,) + tuple(input_shape))
-    outputs = np.asarray(function(basis), dtype=np.float64).reshape(size, -1)
-    if outputs.size * size > MAX_EXPLICIT_ENTRIES:
-        raise ValueError(f"explicit matrix of {outputs.shape[1]} x {size} is too large")
-    return outputs.T
+    columns = []
+    for start in range(0, size, _BASIS_CHUNK):  # a chunk of basis vectors at a time
+        stop = min(start + _BASIS_CHUNK, size)
+        basis = np.zeros((stop - start, size))
+        basis[np.arange(stop - start), np.arange(start, stop)] = 1.0
+        outputs = np.asarray(function(basis.reshape((-1,) + tuple(input_shape))), np.float64)
+        columns.append(outputs.reshape(stop - start, -1))
+        if columns[0].shape[1] * size > MAX_EXPLICIT_ENTRIES:
+            raise ValueError(f"explicit matrix of {columns[0].shape[1]} x {size} is too large")
+    return np.concatenate(columns).T
 
 
 def explicit_singular_values(kernel, input_shape, strides=1, dilation_rate=1, groups=1):
