@@ -35,6 +35,7 @@ from absl import flags
 
 from models import imagenet_resnet_v2
 from models import resnet_v2
+import tfconvnorm
 from tfconvnorm import checkpoints
 from tfconvnorm import geometry
 from tfconvnorm import plotting
@@ -149,13 +150,23 @@ def _build_imagenet(depth, image_size, include_top=True):
     return model, f"ResNet{depth}V2 at {size}x{size}{top}"
 
 
+def _with_values(model, values):
+    """`model` (built here, not the caller's) holding the checkpoint's values."""
+    for variable in model.weights:
+        if variable.path in values:
+            variable.assign(values[variable.path])
+    return model
+
+
 def _read_records(fmt, checkpoint, family, depth, image_size):
-    """`(records, description of the architecture used)` for one format."""
+    """`(records, description of the architecture used, model or a reason)` for
+    one format; the model holds the checkpoint's values (for the Lipschitz bound)."""
     if fmt == checkpoints.FORMAT_KERAS:
-        return checkpoints.read_keras_model_file(checkpoint), "model from the .keras file"
+        model = checkpoints.load_keras_model_file(checkpoint)
+        return checkpoints.model_records(model), "model from the .keras file", model
     if fmt == checkpoints.FORMAT_TF1_META:
         return (checkpoints.read_tf1_meta_checkpoint(checkpoint, image_size=image_size),
-                "graph from the .meta file")
+                "graph from the .meta file", "a TF1 graph, not a Keras model")
     if fmt == checkpoints.FORMAT_TF2:
         prefix = checkpoints.resolve_checkpoint_prefix(checkpoint)
         config, config_path = _find_config(checkpoint, prefix)
@@ -166,7 +177,9 @@ def _read_records(fmt, checkpoint, family, depth, image_size):
             model, description = _build_imagenet(depth, image_size)
         else:
             model, description = _build_cifar(depth, image_size, config, config_path)
-        return checkpoints.read_tf2_checkpoint(prefix, model), description
+        values = checkpoints.tf2_checkpoint_values(prefix, model)
+        records = checkpoints.read_tf2_checkpoint(prefix, model)
+        return records, description, _with_values(model, values)
     if fmt == checkpoints.FORMAT_SLIM:
         variables = checkpoints.checkpoint_variables(checkpoint)
         scopes = sorted({name.split("/", 1)[0] for name in variables
@@ -184,7 +197,8 @@ def _read_records(fmt, checkpoint, family, depth, image_size):
             depth, image_size, include_top=f"{scope}/logits/weights" in variables)
         records = checkpoints.read_slim_resnet_v2(
             checkpoint, model, lambda path: imagenet_resnet_v2.keras_to_slim(path, depth))
-        return records, description + " (slim names)"
+        return (records, description + " (slim names)",
+                "slim checkpoints hold a 1001-class classifier the rebuilt model lacks")
     if fmt == checkpoints.FORMAT_KERAS_WEIGHTS:
         names = checkpoints.keras_weights_layer_names(checkpoint)
         if family is None:
@@ -199,7 +213,9 @@ def _read_records(fmt, checkpoint, family, depth, image_size):
         else:
             config, config_path = _find_config(checkpoint)
             model, description = _build_cifar(depth, image_size, config, config_path)
-        return checkpoints.read_keras_weights_file(checkpoint, model), description
+        values = checkpoints.keras_weights_values(checkpoint, model)
+        records = checkpoints.read_keras_weights_file(checkpoint, model)
+        return records, description, _with_values(model, values)
     raise ValueError(f"format must be one of {checkpoints.FORMATS} or None, got {fmt!r}")
 
 
@@ -229,7 +245,9 @@ def analyse(checkpoint, output_dir, format=None, architecture=None, depth=None, 
     Returns:
       A dict: `spectra` (list of `checkpoints.LayerSpectrum`), `format`,
       `architecture` (what was rebuilt), `npz`, `csv`, `png` (paths; `png` is
-      None when no layer is left to plot), `product_of_sigma_max`, `table`,
+      None when no layer is left to plot), `lipschitz_bound` (the certified
+      bound of the whole model, None where it is not available) and
+      `lipschitz` (the `tfconvnorm.LipschitzBound`), `table`,
       `seconds` (wall time).
 
     Raises:
@@ -257,7 +275,7 @@ def analyse(checkpoint, output_dir, format=None, architecture=None, depth=None, 
     family, depth = _architecture_depth(architecture, depth)
 
     fmt = format or checkpoints.detect_format(checkpoint)
-    records, description = _read_records(fmt, checkpoint, family, depth, image_size)
+    records, description, model = _read_records(fmt, checkpoint, family, depth, image_size)
     if pattern is not None:
         selected = [r for r in records if pattern.search(r.name)]
         if not selected:
@@ -271,19 +289,24 @@ def analyse(checkpoint, output_dir, format=None, architecture=None, depth=None, 
     spectra = checkpoints.layer_spectra(records, dtype=dtype, progress=verbose,
                                         bound_iterations=bound_iterations)
 
+    lipschitz, unavailable = _lipschitz(model)
+
     os.makedirs(output_dir, exist_ok=True)
     metadata = {"checkpoint": os.path.abspath(checkpoint), "format": fmt,
                 "architecture": description, "dtype": dtype,
                 "image_size": "" if image_size is None else image_size,
                 "layers": layers or "", "bound_iterations": bound_iterations,
-                "operator": _operator_description(spectra)}
+                "operator": _operator_description(spectra),
+                "lipschitz_upper_bound": "" if lipschitz is None else repr(float(lipschitz)),
+                "lipschitz_note": unavailable or checkpoints.LIPSCHITZ_NOTE}
     npz_path = os.path.join(output_dir, checkpoints.SPECTRA_FILENAME)
     csv_path = os.path.join(output_dir, checkpoints.SUMMARY_FILENAME)
     checkpoints.write_spectra_npz(npz_path, spectra, metadata)
-    checkpoints.write_summary_csv(csv_path, spectra)
+    checkpoints.write_summary_csv(csv_path, spectra, lipschitz, unavailable)
     png_path = _write_plot(os.path.join(output_dir, PLOT_FILENAME), spectra, checkpoint,
                            skip_1x1, log_scale, log_rank)
-    table = checkpoints.format_summary_table(spectra)
+    table = checkpoints.format_summary_table(spectra, lipschitz=lipschitz,
+                                             unavailable=unavailable)
     seconds = time.perf_counter() - start
     if verbose:
         print(table)
@@ -291,8 +314,19 @@ def analyse(checkpoint, output_dir, format=None, architecture=None, depth=None, 
               f"{csv_path}" + (f", {png_path}" if png_path else ""))
     return {"spectra": spectra, "format": fmt, "architecture": description,
             "npz": npz_path, "csv": csv_path, "png": png_path,
-            "product_of_sigma_max": checkpoints.product_of_sigma_max(spectra),
+            "lipschitz_bound": None if lipschitz is None else float(lipschitz),
+            "lipschitz": lipschitz,
             "table": table, "seconds": seconds}
+
+
+def _lipschitz(model):
+    """(certified Lipschitz bound of the whole model or None, why not)."""
+    if isinstance(model, str):
+        return None, model
+    try:
+        return tfconvnorm.lipschitz_bound(model), None
+    except ValueError as error:
+        return None, str(error)
 
 
 def _operator_description(spectra):

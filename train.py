@@ -44,6 +44,7 @@ from models import cifar_input
 from models import resnet_v2
 from tfconvnorm import callbacks as tfcn_callbacks
 from tfconvnorm import geometry as tfcn_geometry
+from tfconvnorm import lipschitz as tfcn_lipschitz
 from tfconvnorm import spectral as tfcn_spectral
 
 STRATEGIES = ("default", "mirrored", "multi_worker_mirrored", "tpu")
@@ -524,6 +525,7 @@ def train_and_evaluate(config, model_dir):
                   verbose=PROGRESS[config.progress])
         test_metrics = model.evaluate(test_data, return_dict=True, verbose=0)
         norms = operator_norms(model)
+        certificate = tfcn_lipschitz.lipschitz_bound(model)
 
         model_path = os.path.join(write_dir, MODEL_FILE)
         tmp_model_path = os.path.join(write_dir, f".tmp-{os.getpid()}-{MODEL_FILE}")
@@ -562,6 +564,10 @@ def train_and_evaluate(config, model_dir):
                                      if config.clip_to and conv_norms else None),
         # The projection that ended training: largest conv norm before and after it.
         "final_projection": final_projection,
+        # Certified: the trained model (inference mode) is this Lipschitz in l2.
+        "lipschitz_upper_bound": float(certificate),
+        "lipschitz_top_contributors": {f.name: f.factor
+                                       for f in certificate.top_contributors(5)},
         "wall_time_s": time.time() - start,
         "model_path": model_path,
         "latest_checkpoint": manager.latest_checkpoint,

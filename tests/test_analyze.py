@@ -81,7 +81,11 @@ def check_outputs(result, output_dir, layer_count):
     assert result["png"] and open(result["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with open(result["csv"], newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == layer_count + 1 and rows[-1]["name"] == checkpoints.PRODUCT_ROW_NAME
+    assert len(rows) == layer_count + 1 and rows[-1]["name"] == checkpoints.LIPSCHITZ_ROW_NAME
+    bound = result["lipschitz_bound"]
+    assert (rows[-1]["sigma_max_upper"] == "") == (bound is None)
+    if bound is not None:
+        assert float(rows[-1]["sigma_max_upper"]) == bound
     assert sorted(os.listdir(output_dir)) == ["spectra.npz", "spectra.png", "summary.csv"]
 
 
@@ -124,8 +128,13 @@ def test_keras_model_file(keras_file, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "conv_b/kernel" in printed and "16x16" in printed and "*" not in printed
     assert "certified" in printed
-    assert result["product_of_sigma_max"] == pytest.approx(
-        np.prod([s["upper"] for s in spectra.values()]))
+    # The model is linear (no activation): its bound is at least the exact norm of
+    # its Jacobian, the model applied to every basis vector (minus the biases).
+    model = keras.saving.load_model(path)
+    zero = model(np.zeros((1, 15, 15, 3), np.float32)).numpy()
+    jacobian = reference.function_matrix(lambda x: model(x).numpy() - zero, (15, 15, 3))
+    assert np.linalg.norm(jacobian, 2) <= result["lipschitz_bound"]
+    assert "certified l2 Lipschitz upper bound" in printed
 
 
 def test_layers_regex_and_float64(keras_file, tmp_path):
@@ -314,7 +323,7 @@ def test_slim_resnet_v2_50_every_layer(slim_checkpoint, tmp_path):
     assert sum(1 for s in spectra.values() if s["strides"] == (2, 2)) == 4
     for name, (size, stride) in SLIM_CHECKS.items():
         check_spectrum(spectra[name], tensors[name], size, stride, "valid", size)
-    assert np.isfinite(result["product_of_sigma_max"])
+    assert result["lipschitz_bound"] is None  # slim: the classifier has a background class
 
 
 @pytest.fixture(scope="module")
@@ -380,7 +389,7 @@ def test_binary_end_to_end(keras_file, tmp_path):
     done = run_binary(f"--checkpoint={path}", f"--output_dir={tmp_path}", "--skip_1x1",
                       "--nolog_scale", "--log_rank")
     assert done.returncode == 0, done.stderr
-    assert "PRODUCT" not in done.stdout and "product of sigma_max" in done.stdout
+    assert "certified l2 Lipschitz upper bound" in done.stdout
     assert "conv_b/kernel" in done.stdout
     spectra = load_npz(str(tmp_path))
     check_spectrum(spectra["conv_b/kernel"], weights["conv_b/kernel"], (15, 15), strides=2,

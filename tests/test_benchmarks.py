@@ -211,6 +211,7 @@ def _tiny_config():
     return workloads.Config(
         layer_sets={"ResNet-32": _tiny_layers, "ResNet50V2@224": _tiny_layers},
         train_model=_tiny_model, train_input_shape=(8, 8, 3),
+        padding_models={"ResNet-32": lambda seed: _tiny_model()},
         figure1_sweeps=(("3x3 conv, 6x6 input", 3, 6, (2, 4)),),
         largest_sv_layers=(("3x3 conv, 4 channels", 3, 6, 4),))
 
@@ -237,6 +238,11 @@ def test_run_main_smoke(tmp_path):
     by_workload = {}
     for result in saved["results"]:
         by_workload.setdefault(result["workload"], []).append(result)
+    # Padding: the upper bound is never below the best value known from below,
+    # the certified lower bound never above it.
+    padding_rows = {r["method"]: r for r in by_workload["padding"][0]["rows"]}
+    assert padding_rows["upper bound (circular on N)"]["metrics"]["min_ratio"] >= 1 - 1e-6
+    assert padding_rows["certified interval (bounds_many)"]["metrics"]["max_ratio"] <= 1 + 1e-9
     # Figure 1: every method agrees with the explicit matrix.
     for result in by_workload["figure1"]:
         for row in result["rows"]:

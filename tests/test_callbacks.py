@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import tfconvnorm
 from tfconvnorm import geometry
+from tfconvnorm import reference
 from tfconvnorm.callbacks import (OperatorNormClipper, SpectrumLogger, SPECTRA_SUBDIR,
                                   make_projection_fn)
 import oracles
@@ -212,6 +213,18 @@ def test_spectrum_logger_writes_bounding_spectra_and_intervals_at_each_epoch(tmp
             assert scalars["sigma_max_lower"] <= true * (1 + 1e-7)
             assert true <= scalars["sigma_max_upper"] * (1 + 1e-7)
             assert scalars["sigma_max_lower"] >= 0.9 * true
+    # The whole model's certified Lipschitz bound: this model is linear, so the
+    # bound is at least the norm of its Jacobian (the model on basis vectors).
+    logger = SpectrumLogger(str(log_dir / "again"), log_image=False, log_bounds=False)
+    logger.set_model(model)
+    logger.log_now(step=7)
+    logged = float(tf.make_ndarray(_read_events(str(log_dir / "again" / SPECTRA_SUBDIR))
+                                   .Tensors("lipschitz_upper_bound")[0].tensor_proto))
+    assert logged == pytest.approx(float(logger.last_lipschitz), rel=1e-6)
+    zero = model(np.zeros((1, 8, 8, 2), np.float32)).numpy()
+    jacobian = reference.function_matrix(lambda x: model(x).numpy() - zero, (8, 8, 2))
+    assert np.linalg.norm(jacobian, 2) <= logged * (1 + 1e-6)
+    assert [e.step for e in events.Tensors("lipschitz_upper_bound")] == [3, 6]
     pytest.importorskip("matplotlib")
     images = events.Tensors("spectra")
     assert [e.step for e in images] == [3, 6]
@@ -227,7 +240,7 @@ def test_spectrum_logger_every_n_steps_and_layer_selection(tmp_path, rng):
     events = _read_events(str(tmp_path / SPECTRA_SUBDIR))
     (name,) = [op.name for op in geometry.model_geometry(model, layers=["strided"])]
     assert set(events.Tags()["tensors"]) == {f"{p}/{name}" for p in (
-        "spectrum", "sigma_max", "sigma_min", "condition_number")}
+        "spectrum", "sigma_max", "sigma_min", "condition_number")} | {"lipschitz_upper_bound"}
     assert [e.step for e in events.Tensors(f"sigma_max/{name}")] == [2, 4]
     spectra = logger.log_now()
     assert list(spectra) == [name] and logger.last_bounds is None

@@ -398,10 +398,11 @@ def test_spectra_and_output_files(tmp_path, model):
     assert os.listdir(tmp_path / "out") == ["spectra.npz"]  # no temporary left behind
 
     path = str(tmp_path / "summary.csv")
-    checkpoints.write_summary_csv(path, spectra)
+    certificate = tfconvnorm.lipschitz_bound(model)
+    checkpoints.write_summary_csv(path, spectra, certificate)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["name"] for r in rows] == list(TINY_GEOMETRY) + [checkpoints.PRODUCT_ROW_NAME]
+    assert [r["name"] for r in rows] == list(TINY_GEOMETRY) + [checkpoints.LIPSCHITZ_ROW_NAME]
     assert rows[1]["strides"] == "2x2" and rows[1]["approximate"] == "False"
     assert rows[1]["input_size"] == "15x15" and rows[1]["embedding_size"] == "16x16"
     assert rows[1]["padding"] == "valid" and "upper bounds" in rows[1]["note"]
@@ -410,12 +411,16 @@ def test_spectra_and_output_files(tmp_path, model):
     assert float(rows[0]["sigma_max_upper"]) == spectra[0].sigma_max_upper
     assert float(rows[0]["sigma_max_lower"]) == spectra[0].sigma_max_lower
     assert int(rows[2]["count"]) == spectra[2].count
-    product = np.prod([s.sigma_max_upper for s in spectra])
-    assert float(rows[-1]["sigma_max_upper"]) == pytest.approx(product)
-    assert "Lipschitz" in rows[-1]["note"]
-    table = checkpoints.format_summary_table(spectra)
+    assert float(rows[-1]["sigma_max_upper"]) == float(certificate)
+    assert "Lipschitz" in rows[-1]["note"] and "largest factors" in rows[-1]["note"]
+    table = checkpoints.format_summary_table(spectra, lipschitz=certificate)
     assert "c2/kernel" in table and "16x16" in table and "valid" in table
-    assert "*" not in table and "certified" in table
+    assert "*" not in table and "certified" in table and f"{float(certificate):.6g}" in table
+    # Without a model: the row says why.
+    checkpoints.write_summary_csv(path, spectra, unavailable="a TF1 graph")
+    with open(path, newline="") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert last["sigma_max_upper"] == "" and "a TF1 graph" in last["note"]
 
 
 def test_float64_spectra(model):

@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 
 from models import resnet_v2
+import tfconvnorm
 from tfconvnorm import reference
 import train
 
@@ -217,6 +218,13 @@ def test_train_on_tfds_copy_with_clipping(tiny_cifar10, tmp_path):
         estimate = _power_iteration_norm(layer, size + (layer.kernel.shape[-2],))
         assert estimate <= upper * (1 + 1e-5), layer.name
     assert results["max_conv_operator_norm"] <= 0.5 * (1 + 1e-4)
+    # The certified Lipschitz bound of the trained model, above what can be found
+    # empirically on test-like inputs.
+    images = np.random.RandomState(1).randn(8, 32, 32, 3).astype(np.float32)
+    empirical = tfconvnorm.empirical_lower_bound(loaded, images, pairs_steps=10,
+                                                 jacobian_iterations=10)
+    assert 0 < empirical <= results["lipschitz_upper_bound"]
+    assert len(results["lipschitz_top_contributors"]) == 5
     assert results["final_projection"]["method"] == "alternating"
     # The dense classifier is not clipped (the paper clipped convs only).
     assert results["operator_kinds"]["logits/kernel"] == "dense"

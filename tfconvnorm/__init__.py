@@ -39,6 +39,7 @@ from tfconvnorm.geometry import (
 )
 from tfconvnorm.constraints import OperatorNormConstraint, OperatorNormRegularizer, constrain
 from tfconvnorm.callbacks import OperatorNormClipper, SpectrumLogger
+from tfconvnorm.lipschitz import LipschitzBound, empirical_lower_bound, lipschitz_bound
 from tfconvnorm import checkpoints
 from tfconvnorm import plotting
 from tfconvnorm.checkpoints import CheckpointError, LayerSpectrum, detect_format, layer_spectra

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from tfconvnorm import constraints as constraints_lib
 from tfconvnorm import geometry as geometry_lib
+from tfconvnorm import lipschitz as lipschitz_lib
 from tfconvnorm import plotting
 from tfconvnorm import spectral
 
@@ -271,7 +272,10 @@ class SpectrumLogger(keras.callbacks.Callback):
     certified interval of the layer's norm, `sigma_max_lower/<path>` and
     `sigma_max_upper/<path>` (`tfconvnorm.conv_operator_norm_bounds_many`).
     Plus, when matplotlib is installed, one image `spectra` with the sorted
-    spectra of all layers on log-log axes. Written with `tf.summary` to
+    spectra of all layers on log-log axes, and, with `log_lipschitz`, the
+    scalar `lipschitz_upper_bound`: the certified bound on the whole model's
+    l2 Lipschitz constant in inference (`tfconvnorm.lipschitz_bound`), when
+    every layer of the model has a rule (otherwise a warning, once). Written with `tf.summary` to
     `log_dir/spectra`, beside `keras.callbacks.TensorBoard` logs, at the
     optimizer's step.
 
@@ -291,6 +295,7 @@ class SpectrumLogger(keras.callbacks.Callback):
       log_bounds: also log the certified norm interval (Lanczos on each real
         layer: a few forward and backward passes of every layer).
       bound_iterations: Lanczos iterations for the lower bounds.
+      log_lipschitz: also log the model's certified Lipschitz upper bound.
       **geometry_kwargs: `input_shape`, `layer_input_shapes`, `boundary`,
         `round_up`, as for `tfconvnorm.model_geometry`. By default each
         operator is the layer's own (zero-padded) one.
@@ -303,7 +308,8 @@ class SpectrumLogger(keras.callbacks.Callback):
 
     def __init__(self, log_dir, every_n_epochs=1, every_n_steps=None, layers=None, kinds=None,
                  log_image=True, log_bounds=True,
-                 bound_iterations=spectral.DEFAULT_POWER_ITERATIONS, **geometry_kwargs):
+                 bound_iterations=spectral.DEFAULT_POWER_ITERATIONS, log_lipschitz=True,
+                 **geometry_kwargs):
         super().__init__()
         if not isinstance(log_dir, (str, os.PathLike)) or not str(log_dir):
             raise ValueError(f"`log_dir` must be a path; received log_dir={log_dir!r}.")
@@ -315,7 +321,10 @@ class SpectrumLogger(keras.callbacks.Callback):
         self.log_image = log_image
         self.log_bounds = log_bounds
         self.bound_iterations = bound_iterations
+        self.log_lipschitz = log_lipschitz
         self.geometry_kwargs = geometry_kwargs
+        #: The latest `tfconvnorm.LipschitzBound` (None: not logged or unsupported).
+        self.last_lipschitz = None
         self._cache = None  # (model, operators, spectra fn, bounds fn or None)
         self._writer = None
         self._last_step = 0
@@ -356,6 +365,16 @@ class SpectrumLogger(keras.callbacks.Callback):
         if self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0:
             self.log_now()
 
+    def _lipschitz(self):
+        input_shape = self.geometry_kwargs.get("input_shape")
+        try:
+            return lipschitz_lib.lipschitz_bound(self.model, input_shape=input_shape)
+        except ValueError as error:
+            logging.warning("SpectrumLogger: no Lipschitz bound for model '%s' (%s); not "
+                            "logging lipschitz_upper_bound.", self.model.name, error)
+            self.log_lipschitz = False
+            return None
+
     def on_train_end(self, logs=None):
         if self._writer is not None:
             self._writer.close()
@@ -389,6 +408,10 @@ class SpectrumLogger(keras.callbacks.Callback):
                 if bounds is not None:
                     tf.summary.scalar(f"sigma_max_lower/{op.name}", bounds[op.name][0])
                     tf.summary.scalar(f"sigma_max_upper/{op.name}", bounds[op.name][1])
+            if self.log_lipschitz:
+                self.last_lipschitz = self._lipschitz()
+                if self.last_lipschitz is not None:
+                    tf.summary.scalar("lipschitz_upper_bound", float(self.last_lipschitz))
             if self.log_image:
                 png = _spectra_figure_png([op.name for op in operators], spectra,
                                           geometry_lib.spectra_title([op.geometry for op in operators]))

@@ -54,9 +54,8 @@ DTYPES = ("float32", "float64")
 
 SPECTRA_FILENAME = "spectra.npz"
 SUMMARY_FILENAME = "summary.csv"
-PRODUCT_ROW_NAME = "PRODUCT_OF_SIGMA_MAX"
-PRODUCT_NOTE = ("upper bound on the Lipschitz constant only for a plain chain of these "
-                "layers (not for residual connections; BN and pooling not included)")
+LIPSCHITZ_ROW_NAME = "LIPSCHITZ_UPPER_BOUND"
+LIPSCHITZ_NOTE = "certified l2 Lipschitz upper bound of the whole model in inference"
 APPROXIMATE_NOTE = ("approximate: the stride does not divide the input size; computed "
                     "at the next size it divides")
 BOUND_NOTE = ("spectrum: upper bounds on the layer's singular values, entry by entry "
@@ -264,6 +263,12 @@ def read_keras_model_file(path):
       FileNotFoundError: no file at `path`.
       CheckpointError: not a readable `.keras` file.
     """
+    return model_records(load_keras_model_file(path))
+
+
+def load_keras_model_file(path):
+    """The model of a `.keras` file, loaded in Keras' safe mode (no code from the
+    file runs); raises as `read_keras_model_file`."""
     # Registers tfconvnorm's serializable constraints / regularizers.
     from tfconvnorm import constraints  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
@@ -276,7 +281,7 @@ def read_keras_model_file(path):
     except Exception as error:  # pylint: disable=broad-except
         raise CheckpointError(f"{path}: cannot load the Keras model: "
                               f"{_first_line(error)}") from error
-    return model_records(model)
+    return model
 
 
 # ---------------------------------------------------------------------------
@@ -320,6 +325,16 @@ def tf2_checkpoint_keys(model, root_name="model"):
 def read_tf2_checkpoint(path, model, root_name="model"):
     """Reads a TF2 checkpoint of `tf.train.Checkpoint(model=model)` (as `train.py` writes).
 
+    Returns the `LayerRecord`s of `model`'s operators with the checkpoint's
+    values; arguments and errors as `tf2_checkpoint_values`.
+    """
+    return _records_from_operators(_model_operators(model),
+                                   tf2_checkpoint_values(path, model, root_name))
+
+
+def tf2_checkpoint_values(path, model, root_name="model"):
+    """Every variable of `model` from a TF2 checkpoint: `{variable path: value}`.
+
     Args:
       path: checkpoint prefix (`.../checkpoints/ckpt-3`), one of its files, or
         a directory (its latest checkpoint).
@@ -360,10 +375,8 @@ def read_tf2_checkpoint(path, model, root_name="model"):
             raise CheckpointError(
                 f"{path}: does not match the architecture: checkpoint variable {key!r} "
                 f"(shape {tuple(shapes[key])}) has no counterpart in the model")
-    operators = _model_operators(model)
-    return _records_from_operators(
-        operators, {op.variable.path: _get_tensor(reader, keys[op.variable.path], path)
-                    for op in operators})
+    return {variable.path: _get_tensor(reader, keys[variable.path], path)
+            for variable in model.weights}
 
 
 # ---------------------------------------------------------------------------
@@ -825,6 +838,12 @@ def read_keras_weights_file(path, model):
       FileNotFoundError, CheckpointError: a missing, unreadable or mismatching
         file; a mismatch names the first mismatching layer or variable.
     """
+    return _records_from_operators(_model_operators(model), keras_weights_values(path, model))
+
+
+def keras_weights_values(path, model):
+    """Every variable of `model` from a Keras weights file: `{variable path: value}`
+    (arguments and errors as `read_keras_weights_file`)."""
     path = os.fspath(path)
     with _open_h5(path) as f:
         group = _legacy_group(f)
@@ -836,7 +855,7 @@ def read_keras_weights_file(path, model):
         except (OSError, KeyError) as error:
             raise CheckpointError(f"{path}: unreadable weights file (truncated?): "
                                   f"{_first_line(error)}") from error
-    return _records_from_operators(_model_operators(model), values)
+    return values
 
 
 # ---------------------------------------------------------------------------
@@ -925,20 +944,6 @@ def layer_spectra(records, dtype="float32", progress=False, bounds=True,
         if bar is not None:
             bar.update(len(result))
     return result
-
-
-def log_product_of_sigma_max(spectra):
-    """log of the product of each layer's certified upper bound (the spectrum's
-    sigma_max where no bound was computed); the product itself may overflow."""
-    with np.errstate(divide="ignore"):
-        return float(np.sum([np.log(s.sigma_max if math.isnan(s.sigma_max_upper)
-                                    else s.sigma_max_upper) for s in spectra]))
-
-
-def product_of_sigma_max(spectra):
-    """Product of the layers' sigma_max: bounds the Lipschitz constant of a plain chain."""
-    log_product = log_product_of_sigma_max(spectra)
-    return math.exp(log_product) if log_product < 709.0 else math.inf
 
 
 def atomic_write(path, write):
@@ -1059,12 +1064,21 @@ def _note(geometry):
     return ""
 
 
-def summary_rows(spectra):
-    """One dict per layer (columns `SUMMARY_COLUMNS`), then the product row.
+def _lipschitz_note(lipschitz, unavailable):
+    if lipschitz is None:
+        return f"not computed: {unavailable or 'no model'}"
+    top = ", ".join(f"{f.name} {f.factor:.4g}" for f in lipschitz.top_contributors(5))
+    return f"{LIPSCHITZ_NOTE}; largest factors: {top}"
+
+
+def summary_rows(spectra, lipschitz=None, unavailable=None):
+    """One dict per layer (columns `SUMMARY_COLUMNS`), then the model's row.
 
     `sigma_max_lower` / `sigma_max_upper` bound the layer's norm; `sigma_max`,
     `sigma_min` and `condition_number` are those of the spectrum written to
-    spectra.npz (the note says whether it bounds the layer's)."""
+    spectra.npz (the note says whether it bounds the layer's). The last row
+    holds `lipschitz` (a `tfconvnorm.LipschitzBound`) under `sigma_max_upper`,
+    or says why there is none (`unavailable`)."""
     rows = []
     for index, s in enumerate(spectra):
         g = s.geometry
@@ -1080,24 +1094,26 @@ def summary_rows(spectra):
             "note": _note(g),
         })
     rows.append({column: "" for column in SUMMARY_COLUMNS} | {
-        "name": PRODUCT_ROW_NAME, "sigma_max_upper": repr(product_of_sigma_max(spectra)),
-        "note": f"over {len(spectra)} layers: {PRODUCT_NOTE}"})
+        "name": LIPSCHITZ_ROW_NAME,
+        "sigma_max_upper": "" if lipschitz is None else repr(float(lipschitz)),
+        "note": _lipschitz_note(lipschitz, unavailable)})
     return rows
 
 
-def write_summary_csv(path, spectra):
-    """Writes `summary_rows(spectra)` as CSV, atomically."""
+def write_summary_csv(path, spectra, lipschitz=None, unavailable=None):
+    """Writes `summary_rows(spectra, lipschitz, unavailable)` as CSV, atomically."""
     def write(f):
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(summary_rows(spectra))
+        writer.writerows(summary_rows(spectra, lipschitz, unavailable))
         f.write(text.getvalue().encode("utf8"))
     atomic_write(os.fspath(path), write)
 
 
-def format_summary_table(spectra, max_name=40):
-    """A plain-text table of the summary, for the terminal."""
+def format_summary_table(spectra, max_name=40, lipschitz=None, unavailable=None):
+    """A plain-text table of the summary, for the terminal, ending on the
+    model's certified Lipschitz bound (or why there is none)."""
     header = (f"{'#':>3}  {'layer':<{max_name}}  {'kernel':>14}  {'input':>9}  {'stride':>6}  "
               f"{'padding':>8}  {'N':>9}  {'lower':>9}  {'upper':>9}  {'sigma_min':>9}  "
               f"{'count':>8}")
@@ -1118,8 +1134,10 @@ def format_summary_table(spectra, max_name=40):
                  "for zero-padded layers an upper bound on the layer's, for circular ones "
                  "the circular operator's. N: the circular size whose spectrum bounds the "
                  "layer.")
-    lines.append(f"product of sigma_max over {len(spectra)} layers: "
-                 f"{product_of_sigma_max(spectra):.6g} ({PRODUCT_NOTE})")
+    if lipschitz is not None:
+        lines.append(lipschitz.summary())
+    else:
+        lines.append(f"no Lipschitz bound of the model: {unavailable or 'no model'}")
     if any(s.geometry.approximate for s in spectra):
         lines.append(f"* {APPROXIMATE_NOTE}")
     return "\n".join(lines)

@@ -1,0 +1,623 @@
+"""A certified upper bound on the l2 Lipschitz constant of a whole Keras model.
+
+`lipschitz_bound(model)` propagates, over the model's functional graph
+(nested models included), a bound L(t) for every tensor t: the Lipschitz
+constant of the map from the model's input to t, in inference mode. Each
+rule is an upper bound with a reason:
+
+* a layer f applied to t: L(f(t)) <= Lip(f) L(t). Linear layers get their
+  certified upper bound for their real padding (`tfconvnorm.spectral`);
+  a BatchNormalization that directly follows a conv or Dense layer (with no
+  activation, and nothing else reading its output) is folded into the
+  kernel first, which gives a tighter bound that is still certified;
+* Add: L(a + b) <= L(a) + L(b); Subtract likewise; Average: the mean;
+  Concatenate and Maximum / Minimum: sqrt(L(a)^2 + L(b)^2);
+* activations, pooling and shape-only layers: the constants in
+  `ACTIVATION_CONSTANTS` and the functions below, each derived in a comment.
+
+Anything else (a product of two tensors, attention, LayerNormalization,
+custom layers) raises a ValueError naming the layer, unless its constant is
+given in `layer_bounds={name: value}`: the layer is then taken to be
+value-Lipschitz in its (concatenated) inputs.
+
+Several model inputs count as one concatenated input; several outputs as
+one concatenated output.
+"""
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfconvnorm import geometry as geometry_lib
+from tfconvnorm import spectral
+from tfconvnorm.spectral import padding as padding_lib
+
+# sup |f'| of each activation (the l2 Lipschitz constant of an elementwise
+# function is that of its scalar function). Smooth ones whose maximum has no
+# closed form: the maximum of f' on a grid of step h = 1e-5 over [-20, 20]
+# (f' flattens outside) plus h * sup|f''|, rounded up; tests check each
+# constant against Keras' own function on a finer grid.
+ACTIVATION_CONSTANTS = {
+    "linear": 1.0,
+    "relu": 1.0,                 # slopes 0 and 1
+    "relu6": 1.0,
+    "tanh": 1.0,                 # 1 - tanh^2 <= 1, at 0
+    "sigmoid": 0.25,             # s (1 - s) <= 1/4, at 0
+    "softplus": 1.0,             # derivative: the sigmoid, < 1
+    "softsign": 1.0,             # 1 / (1 + |x|)^2 <= 1
+    "elu": 1.0,                  # alpha = 1: slopes e^x < 1 and 1
+    "celu": 1.0,                 # e^(x / alpha) <= 1 and 1
+    "selu": 1.0507009873554805 * 1.6732632423543772,   # scale * alpha e^x <= scale * alpha
+    "gelu": 1.1290,              # exact: Phi(sqrt2) + sqrt2 phi(sqrt2) = 1.128904; the
+                                 # tanh form: grid max 1.128993 + 1e-5 * 0.8
+    "silu": 1.0999,              # sigma (1 + x (1 - sigma)): grid max 1.099839 at 2.3994
+                                 # + 1e-5 * 0.5
+    "swish": 1.0999,
+    "mish": 1.0886,              # grid max 1.088498 + 1e-5 * 1
+    "hard_sigmoid": 1.0 / 6.0,   # relu6(x + 3) / 6
+    "hard_silu": 1.5,            # x relu6(x + 3) / 6: slope (2x + 3) / 6 on [-3, 3], <= 3/2
+    "hard_swish": 1.5,
+    "hard_tanh": 1.0,
+    "log_sigmoid": 1.0,          # derivative sigmoid(-x) < 1
+    "tanh_shrink": 1.0,          # x - tanh x: slope tanh^2 < 1
+    "soft_shrink": 1.0,          # slopes 0 and 1
+    "squareplus": 1.0,           # (1 + x / sqrt(x^2 + b)) / 2 <= 1
+    "sparse_plus": 1.0,          # slopes 0, (x + 1) / 2 <= 1, 1
+    "sparse_sigmoid": 0.5,       # slopes 0, 1/2, 0
+    "sparsemax": 1.0,            # a Euclidean projection onto the simplex: nonexpansive
+    # softmax: its Jacobian diag(p) - p p^T is positive semi-definite, and by
+    # Gershgorin each eigenvalue is <= p_i (1 - p_i) + p_i (1 - p_i) <= 1/2
+    # (attained at two classes with p = 1/2); per position along its axis the
+    # Jacobian is block diagonal.
+    "softmax": 0.5,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFactor:
+    """One call of one layer in the propagation.
+
+    Attributes:
+      name: the layer's name (nested models: "outer/inner").
+      class_name: the layer's (or operation's) class.
+      factor: its own Lipschitz factor (for a merge of several inputs: None;
+        `reason` says the rule).
+      bound: the running bound of its output, L(output).
+      reason: why `factor` holds.
+    """
+
+    name: str
+    class_name: str
+    factor: float
+    bound: float
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LipschitzBound:
+    """A certified upper bound on the model's l2 Lipschitz constant in inference.
+
+    `float(result)` is the bound; `layers` the per-call breakdown, in the
+    order of propagation.
+    """
+
+    value: float
+    layers: tuple
+
+    def __float__(self):
+        return float(self.value)
+
+    def top_contributors(self, count=5):
+        """The `count` largest single-input factors (the layers that dominate)."""
+        single = [f for f in self.layers if f.factor is not None]
+        return sorted(single, key=lambda f: f.factor, reverse=True)[:count]
+
+    def summary(self, count=5):
+        """The bound and its top contributors, as text."""
+        lines = [f"certified l2 Lipschitz upper bound: {self.value:.6g}",
+                 f"largest factors (of {len(self.layers)} layer calls):"]
+        for f in self.top_contributors(count):
+            lines.append(f"  {f.factor:>10.4g}  {f.name} ({f.class_name}): {f.reason}")
+        return "\n".join(lines)
+
+
+class _Unsupported(ValueError):
+    pass
+
+
+def _functional_of(model):
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    if hasattr(model, "_nodes_by_depth") and hasattr(model, "inputs"):
+        return model
+    return None
+
+
+def _activation_constant(activation, where):
+    """Lipschitz constant of an activation given as a Keras function or name."""
+    name = activation if isinstance(activation, str) else None
+    if name is None:
+        try:
+            name = keras.activations.serialize(activation)
+        except Exception:  # pylint: disable=broad-except
+            name = None
+        if isinstance(name, dict):
+            name = name.get("config") if isinstance(name.get("config"), str) else None
+    if name in ACTIVATION_CONSTANTS:
+        return ACTIVATION_CONSTANTS[name], f"{name} activation"
+    raise _Unsupported(f"{where}: activation {name or activation!r} has no known Lipschitz "
+                       "constant")
+
+
+def _data_format(layer):
+    return getattr(layer, "data_format", "channels_last")
+
+
+def _spatial(layer, shape):
+    shape = tuple(shape)
+    return shape[2:] if _data_format(layer) == "channels_first" else shape[1:-1]
+
+
+def _average_pool_matrix(n, pool, stride, padding):
+    """The 1-D average pooling matrix as TensorFlow computes it: 'same' pads,
+    and the padded positions are left out of each average (not zeros)."""
+    embedding = padding_lib.circular_embedding((pool,), (n,), stride, 1, padding)
+    (before, _), = embedding.pads
+    (out,) = embedding.output_shape
+    matrix = np.zeros((out, n))
+    for o in range(out):
+        window = [j for j in range(o * stride - before, o * stride - before + pool)
+                  if 0 <= j < n]
+        matrix[o, window] = 1.0 / len(window)
+    return matrix
+
+
+def _max_pool_multiplicity(n, pool, stride, padding):
+    """The largest number of 1-D windows that share an input position."""
+    embedding = padding_lib.circular_embedding((pool,), (n,), stride, 1, padding)
+    (before, _), = embedding.pads
+    (out,) = embedding.output_shape
+    counts = np.zeros(n, np.int64)
+    for o in range(out):
+        for j in range(o * stride - before, o * stride - before + pool):
+            if 0 <= j < n:
+                counts[j] += 1
+    return int(counts.max())
+
+
+def _pool_arguments(layer, shape):
+    spatial = _spatial(layer, shape)
+    rank = len(spatial)
+    pool = tuple(layer.pool_size) if not isinstance(layer.pool_size, int) else \
+        (layer.pool_size,) * rank
+    strides = layer.strides if layer.strides is not None else pool
+    strides = tuple(strides) if not isinstance(strides, int) else (strides,) * rank
+    if any(d is None for d in spatial):
+        raise _Unsupported(f"layer '{layer.name}': its spatial input size is unknown; pass "
+                           "input_shape=")
+    return spatial, pool, strides, layer.padding
+
+
+def _average_pooling(layer, shape):
+    # Linear and separable over axes (the window is a box, the count of valid
+    # entries a product): the operator is the Kronecker product of per-axis
+    # matrices (per channel), so its norm is the product of theirs, exactly.
+    spatial, pool, strides, padding = _pool_arguments(layer, shape)
+    factor = 1.0
+    for n, p, s in zip(spatial, pool, strides):
+        factor *= float(np.linalg.norm(_average_pool_matrix(n, p, s, padding), 2))
+    return factor, "average pooling: exact norm (product of the per-axis averaging matrices)"
+
+
+def _max_pooling(layer, shape):
+    # |max_S x - max_S y| <= ||(x - y)_S||_2 for each window S; summing the
+    # squares over windows counts each position as often as windows share it.
+    spatial, pool, strides, padding = _pool_arguments(layer, shape)
+    shared = 1
+    for n, p, s in zip(spatial, pool, strides):
+        shared *= _max_pool_multiplicity(n, p, s, padding)
+    return math.sqrt(shared), f"max pooling: sqrt of {shared} windows sharing a position"
+
+
+def _global_average(layer, shape):
+    # Per channel x -> mean(x) = (1/P) 1^T x: norm sqrt(P) / P.
+    spatial = _spatial(layer, shape)
+    if any(d is None for d in spatial):
+        raise _Unsupported(f"layer '{layer.name}': its spatial input size is unknown; pass "
+                           "input_shape=")
+    positions = int(np.prod(spatial))
+    return 1.0 / math.sqrt(positions), f"global average of {positions} positions: 1/sqrt(P)"
+
+
+def _batch_norm_scale(layer):
+    """Per-channel inference scale |gamma| / sqrt(moving_variance + epsilon)."""
+    variance = np.asarray(layer.moving_variance.numpy(), np.float64)
+    scale = 1.0 / np.sqrt(variance + layer.epsilon)
+    if layer.scale:
+        scale = scale * np.abs(np.asarray(layer.gamma.numpy(), np.float64))
+    return scale
+
+
+def _relu_constant(layer):
+    if float(layer.threshold or 0.0) != 0.0:
+        raise _Unsupported(f"layer '{layer.name}': ReLU with threshold "
+                           f"{layer.threshold} is discontinuous")
+    return max(1.0, abs(float(layer.negative_slope or 0.0))), "ReLU: slopes 1 and negative_slope"
+
+
+def _single_input_factor(layer, shape):
+    """(factor, reason) of a one-input layer that is not a linear operator layer."""
+    L = keras.layers
+    if isinstance(layer, (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D,
+                          L.SpatialDropout3D, L.GaussianNoise, L.GaussianDropout,
+                          L.AlphaDropout, L.ActivityRegularization, L.Identity, L.Masking)):
+        return 1.0, "the identity in inference"
+    if isinstance(layer, (L.Flatten, L.Reshape, L.Permute)):
+        return 1.0, "a permutation of the entries"
+    if isinstance(layer, (L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D,
+                          L.Cropping1D, L.Cropping2D, L.Cropping3D)):
+        return 1.0, "zero padding / cropping: an isometry / a restriction"
+    if isinstance(layer, L.RepeatVector):
+        return math.sqrt(layer.n), f"each entry repeated {layer.n} times"
+    if isinstance(layer, (L.UpSampling1D, L.UpSampling2D, L.UpSampling3D)):
+        if getattr(layer, "interpolation", "nearest") != "nearest":
+            raise _Unsupported(f"layer '{layer.name}': {layer.interpolation} up-sampling")
+        size = layer.size if isinstance(layer.size, (tuple, list)) else (layer.size,)
+        copies = int(np.prod(size))
+        return math.sqrt(copies), f"nearest up-sampling: each entry copied {copies} times"
+    if isinstance(layer, L.Rescaling):
+        return float(np.max(np.abs(np.asarray(layer.scale, np.float64)))), "Rescaling: |scale|"
+    if isinstance(layer, L.Normalization):
+        std = np.maximum(np.sqrt(np.asarray(layer.variance, np.float64)),
+                         keras.backend.epsilon())
+        if layer.invert:
+            return float(np.max(std)), "inverted Normalization: max std"
+        return float(np.max(1.0 / std)), "Normalization: 1 / min std"
+    if isinstance(layer, L.BatchNormalization):
+        return float(np.max(_batch_norm_scale(layer))), \
+            "BatchNormalization in inference: max |gamma| / sqrt(moving_variance + eps)"
+    if isinstance(layer, L.ReLU):
+        return _relu_constant(layer)
+    if isinstance(layer, L.LeakyReLU):
+        return max(1.0, abs(float(layer.negative_slope))), "LeakyReLU: slopes 1 and alpha"
+    if isinstance(layer, L.ELU):
+        return max(1.0, abs(float(layer.alpha))), "ELU: slopes 1 and alpha e^x"
+    if isinstance(layer, L.PReLU):
+        alpha = float(np.max(np.abs(layer.alpha.numpy())))
+        return max(1.0, alpha), "PReLU: slopes 1 and its largest |alpha|"
+    if isinstance(layer, L.Softmax):
+        return ACTIVATION_CONSTANTS["softmax"], "softmax: Jacobian norm <= 1/2"
+    if isinstance(layer, L.Activation):
+        return _activation_constant(layer.activation, f"layer '{layer.name}'")
+    if isinstance(layer, (L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D)):
+        return _average_pooling(layer, shape)
+    if isinstance(layer, (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D)):
+        return _max_pooling(layer, shape)
+    if isinstance(layer, (L.GlobalAveragePooling1D, L.GlobalAveragePooling2D,
+                          L.GlobalAveragePooling3D)):
+        return _global_average(layer, shape)
+    if isinstance(layer, (L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D)):
+        return 1.0, "global max: 1-Lipschitz per channel"
+    return None
+
+
+_SUM_MERGES = (keras.layers.Add, keras.layers.Subtract)
+_SQUARE_MERGES = (keras.layers.Concatenate, keras.layers.Maximum, keras.layers.Minimum)
+# Keras ops used directly in a functional graph, by operation class name.
+_OP_SUMS = ("Add", "Subtract")
+_OP_IDENTITIES = ("Reshape", "Transpose", "Flatten", "ExpandDims", "Squeeze")
+# ... and restrictions (a subset of the entries): 1-Lipschitz.
+_OP_RESTRICTIONS = ("GetItem", "Slice", "StridedSlice")
+
+
+def _folded_kernel(op, scale):
+    """The operator's kernel (conv layout) with a BN scale folded into its
+    output channels."""
+    value = np.asarray(op.variable.numpy(), np.float64)
+    if op.geometry.kind == geometry_lib.KIND_CONV_TRANSPOSE:
+        value = value * scale[:, None]   # (*k, filters, in): filters are its outputs
+    elif op.geometry.kind in geometry_lib.DEPTHWISE_KINDS:
+        value = value * scale.reshape(value.shape[-2:])
+    else:
+        value = value * scale
+    return np.asarray(op.to_spectral(value))
+
+
+def _foldable(source, bn):
+    """Can `bn`, which reads only the output of graph node `source`, be folded
+    into the last kernel of `source`'s layer? (A linear layer with no
+    activation, and `bn` normalising its channel axis.)"""
+    layer = source.operation
+    if not isinstance(layer, geometry_lib.OPERATOR_LAYER_CLASSES):
+        return False
+    activation = getattr(layer, "activation", None)
+    if activation is not None and _activation_name(activation) != "linear":
+        return False
+    axes = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
+    rank = len(source.outputs[0].shape)
+    channel = 1 if _data_format(layer) == "channels_first" else rank - 1
+    return len(axes) == 1 and axes[0] % rank == channel
+
+
+def _activation_name(activation):
+    try:
+        name = keras.activations.serialize(activation)
+    except Exception:  # pylint: disable=broad-except
+        return None
+    return name if isinstance(name, str) else None
+
+
+class _Propagation:
+    """State of one `lipschitz_bound` call."""
+
+    def __init__(self, model, operators, layer_bounds):
+        self.operators = {}
+        for op in operators:
+            self.operators.setdefault(id(op.layer), []).append(op)
+        self.layer_bounds = dict(layer_bounds or {})
+        self.records = []
+        self.requests = {}   # key -> (kernel, geometry): certified upper bounds, pooled
+        self.model = model
+
+    def upper(self, kernel, op, key):
+        self.requests.setdefault(key, (kernel, op.geometry))
+        return key
+
+    def linear_factor(self, layer, bn=None):
+        """(deferred factor keys, reason): the product of the layer's parts."""
+        ops = self.operators.get(id(layer))
+        if not ops:
+            raise _Unsupported(f"layer '{layer.name}': its geometry is unknown")
+        keys = []
+        for index, op in enumerate(ops):
+            if bn is not None and index == len(ops) - 1:
+                kernel = _folded_kernel(op, _batch_norm_scale(bn))
+                keys.append(self.upper(kernel, op, (op.name, bn.name)))
+            else:
+                keys.append(self.upper(op.to_spectral(op.variable.numpy()), op, (op.name,)))
+        parts = " x ".join(op.geometry.kind for op in ops)
+        reason = f"certified upper bound ({parts}, padding {ops[0].geometry.padding})"
+        if bn is not None:
+            reason += f", BatchNormalization '{bn.name}' folded in"
+        return keys, reason
+
+
+def _consumers(functional):
+    """{id(tensor): number of graph nodes reading it}."""
+    counts = {}
+    for nodes in functional._nodes_by_depth.values():  # pylint: disable=protected-access
+        for node in nodes:
+            for tensor in node.input_tensors:
+                counts[id(tensor)] = counts.get(id(tensor), 0) + 1
+    for tensor in functional.outputs:
+        counts[id(tensor)] = counts.get(id(tensor), 0) + 1
+    return counts
+
+
+def _propagate(state, functional, input_bounds, prefix):
+    """Bounds of `functional`'s outputs from its inputs' bounds.
+
+    Every bound is deferred: a function of the linear layers' norms, which
+    are computed afterwards in one pooled call (`state.requests`).
+    """
+    bounds = {id(x): b for x, b in zip(functional.inputs, input_bounds)}
+    producers = {}
+    for nodes in functional._nodes_by_depth.values():  # pylint: disable=protected-access
+        for node in nodes:
+            for tensor in node.outputs:
+                producers[id(tensor)] = node
+    consumers = _consumers(functional)
+    folded = {}   # id(bn node) -> linear layer folded into it
+    for nodes in functional._nodes_by_depth.values():  # pylint: disable=protected-access
+        for node in nodes:
+            op = node.operation
+            if isinstance(op, keras.layers.BatchNormalization) and len(node.input_tensors) == 1:
+                source = producers.get(id(node.input_tensors[0]))
+                if (source is not None and not source.is_input
+                        and consumers.get(id(node.input_tensors[0])) == 1
+                        and _foldable(source, op)):
+                    folded[id(source)] = op
+                    folded[id(node)] = source.operation
+    for depth in sorted(functional._nodes_by_depth, reverse=True):  # pylint: disable=protected-access
+        for node in functional._nodes_by_depth[depth]:  # pylint: disable=protected-access
+            op = node.operation
+            if op is None or node.is_input:
+                continue
+            inputs = [bounds[id(x)] for x in node.input_tensors]
+            name = f"{prefix}{op.name}"
+            inner = _functional_of(op)
+            if inner is not None:
+                outputs = _propagate(state, inner, inputs, f"{name}/")
+            else:
+                outputs = [_node_bound(state, node, op, inputs, name, folded)]
+                outputs = outputs * len(node.outputs)
+            for tensor, bound in zip(node.outputs, outputs):
+                bounds[id(tensor)] = bound
+    return [bounds[id(x)] for x in functional.outputs]
+
+
+def _node_bound(state, node, op, inputs, name, folded):
+    class_name = type(op).__name__
+    shape = tuple(node.input_tensors[0].shape) if node.input_tensors else ()
+    user = state.layer_bounds.get(op.name)
+    record = len(state.records)
+    state.records.append(None)
+
+    def keep(factor, reason, combine):
+        def evaluate(norms):
+            values = [b(norms) for b in inputs]
+            f = factor(norms) if callable(factor) else factor
+            out = combine(f, values)
+            state.records[record] = LayerFactor(name, class_name,
+                                                None if f is None else float(f), float(out),
+                                                reason)
+            return out
+        return _memo(evaluate)
+
+    def scaled(factor, reason):
+        if len(inputs) != 1:
+            raise _Unsupported(f"layer '{name}' ({class_name}) has {len(inputs)} inputs")
+        return keep(factor, reason, lambda f, v: f * v[0])
+
+    if user is not None:
+        value = float(user)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"layer_bounds[{op.name!r}] must be a finite number >= 0; "
+                             f"received {user!r}.")
+        return keep(value, "given in layer_bounds",
+                    lambda f, v: f * math.sqrt(sum(x * x for x in v)))
+    if isinstance(op, geometry_lib.OPERATOR_LAYER_CLASSES):
+        bn = folded.get(id(node))
+        keys, reason = state.linear_factor(op, bn)
+        activation, act_reason = 1.0, ""
+        if getattr(op, "activation", None) is not None:
+            activation, act_reason = _activation_constant(op.activation, f"layer '{name}'")
+            if activation != 1.0 or act_reason != "linear activation":
+                reason += f", then {act_reason} ({activation:g})"
+        return scaled(lambda norms: math.prod(norms[k] for k in keys) * activation, reason)
+    if isinstance(op, keras.layers.BatchNormalization) and id(node) in folded:
+        return scaled(1.0, f"folded into '{folded[id(node)].name}'")
+    if isinstance(op, _SUM_MERGES) or (class_name in _OP_SUMS and not isinstance(
+            op, keras.layers.Layer)):
+        return keep(None, "sum of the inputs' bounds", lambda f, v: sum(v))
+    if isinstance(op, keras.layers.Average):
+        return keep(None, "mean of the inputs' bounds", lambda f, v: sum(v) / len(v))
+    if isinstance(op, _SQUARE_MERGES):
+        rule = ("sqrt of the sum of squares (concatenation)" if isinstance(
+            op, keras.layers.Concatenate) else "elementwise max/min: 1-Lipschitz in each "
+            "input, sqrt of the sum of squares")
+        return keep(None, rule, lambda f, v: math.sqrt(sum(x * x for x in v)))
+    if class_name in _OP_IDENTITIES and not isinstance(op, keras.layers.Layer):
+        return scaled(1.0, "a permutation of the entries")
+    if class_name in _OP_RESTRICTIONS and not isinstance(op, keras.layers.Layer):
+        return scaled(1.0, "a restriction to some entries")
+    found = _single_input_factor(op, shape) if isinstance(op, keras.layers.Layer) else None
+    if found is not None:
+        if len(inputs) != 1:
+            raise _Unsupported(f"layer '{name}' ({class_name}) has {len(inputs)} inputs")
+        return scaled(*found)
+    raise _Unsupported(
+        f"layer '{name}' ({class_name}) has no certified Lipschitz rule"
+        + (" (a product of two tensors is not Lipschitz)"
+           if isinstance(op, keras.layers.Multiply) or class_name == "Multiply" else ""))
+
+
+def _memo(evaluate):
+    cache = {}
+
+    def once(norms):
+        if "value" not in cache:
+            cache["value"] = evaluate(norms)
+        return cache["value"]
+    return once
+
+
+def lipschitz_bound(model, input_shape=None, layer_bounds=None):
+    """A certified upper bound on the l2 Lipschitz constant of `model` in inference.
+
+    Args:
+      model: a built functional or Sequential `keras.Model` (nested models
+        included).
+      input_shape: the input shape without the batch axis, where the model
+        declares `None` spatial sizes (as for `tfconvnorm.model_geometry`).
+      layer_bounds: `{layer name: constant}` for layers without a rule here
+        (e.g. the Multiply of a squeeze-excitation block): each such layer is
+        taken to be that-Lipschitz in its concatenated inputs. The constant
+        is the caller's claim; the result is certified only if it holds.
+
+    Returns:
+      A `LipschitzBound`: `float(result)` is the bound; `.layers` the
+      per-call factors and running bounds; `.top_contributors()` the layers
+      that dominate.
+
+    Raises:
+      ValueError: a layer without a rule (named, with its class), or a model
+        whose graph cannot be read (subclassed models).
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"`model` must be a keras.Model; received {type(model).__name__}.")
+    functional = _functional_of(model)
+    if functional is None:
+        raise ValueError(f"model '{model.name}' is subclassed: its graph cannot be read, so no "
+                         "Lipschitz bound can be propagated. Use a functional or Sequential "
+                         "model.")
+    unknown = sorted(set(layer_bounds or {}) - {
+        layer.name for layer in model._flatten_layers(include_self=False, recursive=True)})  # pylint: disable=protected-access
+    if unknown:
+        raise ValueError(f"`layer_bounds` names layers not in model '{model.name}': {unknown}.")
+    operators = geometry_lib.model_geometry(model, input_shape=input_shape)
+    state = _Propagation(model, operators, layer_bounds)
+    ones = [_memo(lambda norms: 1.0) for _ in functional.inputs]
+    try:
+        outputs = _propagate(state, functional, ones, "")
+    except _Unsupported as error:
+        raise ValueError(f"{error}. Give its Lipschitz constant with "
+                         "layer_bounds={'<layer name>': value} if you know one.") from None
+    keys = list(state.requests)
+    norms = {}
+    if keys:
+        pairs = spectral.conv_operator_norm_bounds_many(
+            [tf.cast(state.requests[k][0], tf.float64) for k in keys],
+            [state.requests[k][1] for k in keys], iterations=0)
+        norms = {k: float(p.upper) for k, p in zip(keys, pairs)}
+    values = [b(norms) for b in outputs]
+    value = math.sqrt(sum(v * v for v in values))
+    return LipschitzBound(value, tuple(r for r in state.records if r is not None))
+
+
+def empirical_lower_bound(model, inputs, pairs_steps=50, jacobian_iterations=50, step_size=0.1,
+                          seed=0):
+    """The largest ||f(x) - f(y)|| / ||x - y|| and Jacobian norm found, a lower
+    estimate of the model's Lipschitz constant (for checking `lipschitz_bound`).
+
+    From each input x of `inputs` (a batch), gradient ascent on the ratio over
+    pairs (x, x + delta), and power iteration on the Jacobian at x (its norm
+    is the local Lipschitz constant). Inference mode.
+
+    Returns:
+      The largest value found (a float).
+    """
+    x = tf.convert_to_tensor(inputs, tf.float32)
+    generator = tf.random.Generator.from_seed(seed)
+
+    def f(z):
+        out = model(z, training=False)
+        out = tf.concat([tf.reshape(o, (tf.shape(z)[0], -1)) for o in tf.nest.flatten(out)], 1)
+        return tf.cast(out, tf.float32)
+
+    best = 0.0
+    # Jacobian power iteration: v <- J^T J v, by forward-over-reverse products.
+    v = generator.normal(tf.shape(x))
+    for _ in range(jacobian_iterations):
+        with tf.autodiff.ForwardAccumulator(x, v) as accumulator:
+            y = f(x)
+        jv = accumulator.jvp(y)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = f(x)
+        jtjv = tape.gradient(y, x, output_gradients=jv)
+        norms = tf.sqrt(tf.reduce_sum(tf.square(tf.reshape(jtjv, (tf.shape(x)[0], -1))), 1))
+        v = jtjv / tf.reshape(tf.maximum(norms, 1e-30), (-1,) + (1,) * (len(x.shape) - 1))
+    with tf.autodiff.ForwardAccumulator(x, v) as accumulator:
+        y = f(x)
+    local = tf.norm(accumulator.jvp(y), axis=1)
+    best = max(best, float(tf.reduce_max(local)))
+    # Pairs: ascend ||f(x + d) - f(x)|| / ||d|| in d.
+    delta = 1e-2 * generator.normal(tf.shape(x))
+    for _ in range(pairs_steps):
+        with tf.GradientTape() as tape:
+            tape.watch(delta)
+            ratio = (tf.norm(tf.reshape(f(x + delta) - f(x), (tf.shape(x)[0], -1)), axis=1)
+                     / tf.norm(tf.reshape(delta, (tf.shape(x)[0], -1)), axis=1))
+            total = tf.reduce_sum(ratio)
+        best = max(best, float(tf.reduce_max(ratio)))
+        grad = tape.gradient(total, delta)
+        grad_norm = tf.norm(tf.reshape(grad, (tf.shape(x)[0], -1)), axis=1)
+        delta_norm = tf.norm(tf.reshape(delta, (tf.shape(x)[0], -1)), axis=1)
+        shape = (-1,) + (1,) * (len(x.shape) - 1)
+        delta = delta + step_size * tf.reshape(delta_norm / tf.maximum(grad_norm, 1e-30),
+                                               shape) * grad
+    return best
