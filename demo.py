@@ -46,7 +46,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Imported here so that --help answers at once.
-    import train  # pylint: disable=import-outside-toplevel
+    from tfconvnorm import training as train  # pylint: disable=import-outside-toplevel
 
     model_dir = os.path.join(args.output_dir, "model_dir")
     analysis_dir = os.path.join(args.output_dir, "analysis")
@@ -66,7 +66,7 @@ def main(argv=None):
           f"{results['max_conv_operator_norm']:.5f} (bound {args.clip_to:g}); "
           f"{results['wall_time_s']:.0f} s of training.\n", flush=True)
 
-    import analyze  # pylint: disable=import-outside-toplevel
+    from tfconvnorm import analysis as analyze  # pylint: disable=import-outside-toplevel
     analysis = analyze.analyse(results["model_path"], analysis_dir)
 
     print("\nWhere everything went:")

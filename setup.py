@@ -1,6 +1,14 @@
 """Installs tfconvnorm: exact singular values of convolutional layers in TensorFlow."""
 
+import pathlib
+import re
+
 import setuptools
+
+ROOT = pathlib.Path(__file__).parent
+# The version is defined once, in the package.
+VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "tfconvnorm" / "__init__.py").read_text(),
+                    re.M).group(1)
 
 # TensorFlow itself is an extra so that CPU-only and GPU users each pick the
 # right wheel: `pip install tfconvnorm[cpu]` or `pip install tfconvnorm[gpu]`.
@@ -25,14 +33,22 @@ EXTRAS_REQUIRE = {
 
 setuptools.setup(
     name="tfconvnorm",
-    version="0.1.0",
+    version=VERSION,
     description=("Exact singular values, operator norms and operator-norm projections "
                  "of convolutional layers in TensorFlow / Keras."),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    packages=["tfconvnorm"],
+    # Everything the tools need is inside the package: the top-level models/,
+    # train.py, analyze.py and demo.py of a checkout are thin and not installed
+    # (no generic top-level names in site-packages).
+    packages=setuptools.find_packages(include=["tfconvnorm", "tfconvnorm.*"]),
+    entry_points={"console_scripts": [
+        "tfconvnorm-analyze = tfconvnorm.cli.analyze:run",
+        "tfconvnorm-train = tfconvnorm.cli.train:run",
+    ]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     license="Apache-2.0",
+    license_files=["LICENSE"],
 )

@@ -31,7 +31,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from benchmarks import workloads  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tfconvnorm import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tfconvnorm import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_FIGURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figure1.png")
 
@@ -193,7 +193,7 @@ def _json_default(value):
 def write_json_atomic(path, payload):
     """Writes JSON to a temporary file in the same folder, then renames it."""
     text = json.dumps(payload, indent=1, allow_nan=False, default=_json_default) + "\n"
-    checkpoints.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    files.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_figure1(results, path):
@@ -231,7 +231,7 @@ def write_figure1(results, path):
         ax.legend(fontsize=8)
     fig.tight_layout()
     try:
-        checkpoints.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+        files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     finally:
         plt.close(fig)
     return path

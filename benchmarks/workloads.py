@@ -131,7 +131,7 @@ def _layers_of_model(model):
 
 def resnet32_model(seed=0):
     """CIFAR ResNet-32 V2 at He initialisation (helper module `models.resnet_v2`)."""
-    from models import resnet_v2  # pylint: disable=g-import-not-at-top
+    from tfconvnorm.models import resnet_v2  # pylint: disable=g-import-not-at-top
     import keras  # pylint: disable=g-import-not-at-top
     keras.utils.set_random_seed(seed)
     return resnet_v2.cifar_resnet_v2(32)
@@ -149,7 +149,7 @@ def resnet50v2_layers(seed=0, image_size=224):
     own, explicitly padded input sizes 230, 58, 30, 16, 9); timings do not
     depend on the kernel values.
     """
-    from models import imagenet_resnet_v2  # pylint: disable=g-import-not-at-top
+    from tfconvnorm.models import imagenet_resnet_v2  # pylint: disable=g-import-not-at-top
     rng = np.random.default_rng(seed)
     layers = []
     for name, shape, geometry in imagenet_resnet_v2.resnet50v2_layer_set(image_size):

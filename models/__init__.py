@@ -1,11 +1,18 @@
-"""Models and input pipelines for the experiments (not part of the installed library)."""
+"""The experiments' models, for code that imports them as `models` from a checkout.
 
-from models.cifar_input import DATASETS
-from models.cifar_input import DataUnavailableError
-from models.cifar_input import DatasetInfo
-from models.cifar_input import build_dataset
-from models.cifar_input import dataset_info
-from models.cifar_input import load_split
-from models.cifar_input import preprocess_image
-from models.resnet_v2 import cifar_resnet_v2
-from models.resnet_v2 import resnet_v2_block_config
+The code lives in `tfconvnorm.models` (installed with the package, so that the
+command-line tools work from `pip install`); this package only makes
+`models.resnet_v2`, `models.imagenet_resnet_v2` and `models.cifar_input` the very
+same module objects, so nothing is duplicated and patching one patches both.
+It is not installed: a top-level `models` in site-packages would clash.
+"""
+
+import sys
+
+from tfconvnorm import models as _models
+from tfconvnorm.models import *  # noqa: F401,F403  pylint: disable=wildcard-import,unused-wildcard-import
+from tfconvnorm.models import cifar_input, imagenet_resnet_v2, resnet_v2
+
+for _module in (cifar_input, imagenet_resnet_v2, resnet_v2):
+    sys.modules[f"{__name__}.{_module.__name__.rsplit('.', 1)[-1]}"] = _module
+__all__ = [name for name in dir(_models) if not name.startswith("_")]

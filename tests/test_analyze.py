@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import analyze
+from tfconvnorm import analysis as analyze
+from tfconvnorm.cli import analyze as analyze_cli
 import tfconvnorm
 from tfconvnorm import checkpoints
 from tfconvnorm import reference
@@ -157,7 +158,7 @@ def test_layers_regex_and_float64(keras_file, tmp_path):
 
 @pytest.fixture(scope="module")
 def train_dir(tmp_path_factory):
-    import train  # pylint: disable=g-import-not-at-top
+    from tfconvnorm import training as train  # pylint: disable=g-import-not-at-top
     model_dir = str(tmp_path_factory.mktemp("train") / "run")
     config = train.TrainConfig(dataset="digits", depth=8, epochs=1, batch_size=32, max_steps=1,
                                spectra_every_n_epochs=0, progress="none",
@@ -413,18 +414,18 @@ def test_binary_errors_without_traceback(keras_file, tmp_path):
 
 def test_main_flag_errors(keras_file):
     from absl import app  # pylint: disable=g-import-not-at-top
-    try:
-        analyze.FLAGS(["analyze.py", f"--checkpoint={keras_file[0]}"])
-        with pytest.raises(app.UsageError, match="--output_dir"):
-            analyze.main(["analyze.py"])
-        with pytest.raises(app.UsageError, match="Unexpected"):
-            analyze.main(["analyze.py", "extra"])
-        analyze.FLAGS(["analyze.py", f"--checkpoint={keras_file[0]}", "--output_dir=x",
-                       "--layers=("])
-        with pytest.raises(app.UsageError, match="regular expression"):
-            analyze.main(["analyze.py"])
-    finally:
-        analyze.FLAGS.unparse_flags()
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    flag_values = flags.FlagValues()
+    analyze_cli.define_flags(flag_values)  # nothing is defined at import
+    flag_values(["analyze.py", f"--checkpoint={keras_file[0]}"])
+    with pytest.raises(app.UsageError, match="--output_dir"):
+        analyze_cli.main(["analyze.py"], flag_values)
+    with pytest.raises(app.UsageError, match="Unexpected"):
+        analyze_cli.main(["analyze.py", "extra"], flag_values)
+    flag_values.unparse_flags()
+    flag_values(["analyze.py", f"--checkpoint={keras_file[0]}", "--output_dir=x", "--layers=("])
+    with pytest.raises(app.UsageError, match="regular expression"):
+        analyze_cli.main(["analyze.py"], flag_values)
 
 
 @pytest.mark.parametrize("kwargs,match", [

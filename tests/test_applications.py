@@ -110,7 +110,7 @@ def test_applications_work_without_flags_and_bounds_hold(build, size):
 @pytest.mark.slow
 def test_callbacks_and_analysis_on_an_odd_sized_application(tmp_path):
     """MobileNetV3Small at 32: stride-2 depthwise convs on 5x5 and 3x3 maps."""
-    import analyze  # pylint: disable=import-outside-toplevel
+    from tfconvnorm import analysis as analyze  # pylint: disable=import-outside-toplevel
     keras.utils.set_random_seed(1)
     model = A.MobileNetV3Small(weights=None, input_shape=(32, 32, 3), include_top=False)
     odd = [op.layer.name for op in _odd_strided(tfconvnorm.model_geometry(model))]

@@ -429,27 +429,3 @@ def test_float64_spectra(model):
     assert spectrum.singular_values.dtype == np.float64
     with pytest.raises(ValueError, match="dtype"):
         checkpoints.layer_spectra(records, dtype="float16")
-
-
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    path = str(tmp_path / "out.bin")
-
-    def failing(f):
-        f.write(b"partial")
-        raise RuntimeError("boom")
-    with pytest.raises(RuntimeError):
-        checkpoints.atomic_write(path, failing)
-    assert os.listdir(tmp_path) == []
-
-
-def test_atomic_write_gives_the_mode_a_plain_open_would(tmp_path):
-    from tfconvnorm import checkpoints as checkpoints_lib
-    old = os.umask(0o022)
-    try:
-        path = tmp_path / "out.bin"
-        checkpoints_lib.atomic_write(str(path), lambda f: f.write(b"abc"))
-        assert path.read_bytes() == b"abc"
-        assert (path.stat().st_mode & 0o777) == 0o644
-        assert list(tmp_path.iterdir()) == [path]  # no temporary left behind
-    finally:
-        os.umask(old)

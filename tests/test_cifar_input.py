@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import cifar_input
+from tfconvnorm.models import cifar_input
 
 
 def _arrays(dataset):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from models import imagenet_resnet_v2 as irv2
+from tfconvnorm.models import imagenet_resnet_v2 as irv2
 
 
 @pytest.mark.parametrize("name,depth", [

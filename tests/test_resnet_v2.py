@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import resnet_v2
+from tfconvnorm.models import resnet_v2
 
 
 def _basic_param_count(depth, num_classes=10, channels=3):

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import resnet_v2
+from tfconvnorm.models import resnet_v2
 import tfconvnorm
 from tfconvnorm import reference
-import train
+from tfconvnorm import training as train
+from tfconvnorm.cli import train as train_cli
+from tfconvnorm.training import loop as train_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TRAIN, TINY_TEST = 32, 8
@@ -53,9 +55,9 @@ def _power_iteration_norm(layer, input_shape, iterations=200):
 
 def _parse(argv):
     flag_values = flags.FlagValues()
-    train.define_flags(flag_values)
+    train_cli.define_flags(flag_values)
     flag_values(["train.py"] + argv)
-    return train.config_from_flags(flag_values)
+    return train_cli.config_from_flags(flag_values)
 
 
 def _tags(event_dir):
@@ -141,7 +143,7 @@ def test_model_dir_must_be_a_directory_of_the_same_run(tmp_path):
 def test_non_finite_loss_stops_before_anything_is_saved():
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(keras.optimizers.SGD(), "mse")
-    guard = train._FailOnNaN()  # pylint: disable=protected-access
+    guard = train_loop._FailOnNaN()  # pylint: disable=protected-access
     guard.set_model(model)
     guard.on_train_batch_end(0, {"loss": 1.5})
     with pytest.raises(FloatingPointError, match="training diverged: loss nan at step 0"):
@@ -154,7 +156,7 @@ def test_recalibrate_batch_norm_averages_batch_statistics():
     rng = np.random.RandomState(0)
     x = rng.randn(12, 3).astype(np.float32) * [1.0, 5.0, 0.2] + [3.0, -1.0, 0.5]
     dataset = tf.data.Dataset.from_tensor_slices((x, np.zeros(12))).batch(4)
-    assert train.recalibrate_batch_norm(model, dataset, 3) == 3
+    assert tfconvnorm.recalibrate_batch_norm(model, dataset, 3) == 3
     h = model.get_layer("dense")(x).numpy().reshape(3, 4, 2)  # the BN input, per batch
     bn = model.get_layer("bn")
     np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(axis=1).mean(axis=0), rtol=1e-5)
@@ -162,7 +164,7 @@ def test_recalibrate_batch_norm_averages_batch_statistics():
                                rtol=1e-4)
     assert bn.momentum == 0.9  # restored
     # More batches than the dataset holds: it cycles through it again.
-    assert train.recalibrate_batch_norm(model, dataset, 6) == 6
+    assert tfconvnorm.recalibrate_batch_norm(model, dataset, 6) == 6
     np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(axis=1).mean(axis=0), rtol=1e-5)
 
 

@@ -1,4 +1,5 @@
-"""Keras callbacks: periodic operator-norm projection and TensorBoard spectra.
+"""Keras callbacks: periodic operator-norm projection and TensorBoard spectra, and
+`recalibrate_batch_norm`, which a clipped model needs before inference.
 
 Both find the model's operator layers and their input sizes themselves
 (`tfconvnorm.model_geometry`) and do all layers in one compiled
@@ -99,11 +100,56 @@ def make_projection_fn(operators, max_norm, method=DEFAULT_CLIPPER_METHOD, itera
     return project
 
 
-def _optimizer_step(model):
+def optimizer_step(model):
+    """The model's optimizer step (0 without an optimizer). Via keras.ops, not
+    int(): under a strategy `iterations` is a distributed variable."""
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None:
         return 0
     return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
+def recalibrate_batch_norm(model, dataset, num_batches):
+    """Re-estimates every BatchNormalization layer's moving statistics ("precise BN").
+
+    The moving averages lag behind the weights: a projection changes the convs
+    at once, and the mismatch compounds through the network's BN layers in
+    inference mode. Training itself uses batch statistics, so this changes
+    nothing but evaluation: each layer's moving mean and variance become the
+    averages of its batch statistics over `num_batches` batches of `dataset`
+    (Wu & Johnson 2021, "Rethinking Batch in BatchNorm", PreciseBN).
+
+    Returns:
+      The number of batches used (0 when the model has no BN layer).
+    """
+    layers = [l for l in model._flatten_layers(include_self=False)  # pylint: disable=protected-access
+              if isinstance(l, keras.layers.BatchNormalization)]
+    if not layers or num_batches < 1:
+        return 0
+    momenta = [l.momentum for l in layers]
+    try:
+        for layer in layers:
+            layer.momentum = 0.0  # each call leaves exactly that batch's statistics
+
+        @tf.function
+        def batch_statistics(images):
+            model(images, training=True)
+            return [(l.moving_mean.value, l.moving_variance.value) for l in layers]
+
+        sums, count = None, 0
+        for images, _ in dataset.repeat().take(num_batches):
+            stats = [(m.numpy().astype(np.float64), v.numpy().astype(np.float64))
+                     for m, v in batch_statistics(images)]
+            sums = stats if sums is None else [
+                (sm + m, sv + v) for (sm, sv), (m, v) in zip(sums, stats)]
+            count += 1
+        for layer, (mean_sum, var_sum) in zip(layers, sums):
+            layer.moving_mean.assign(mean_sum / count)
+            layer.moving_variance.assign(var_sum / count)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+    return count
 
 
 class OperatorNormClipper(keras.callbacks.Callback):
@@ -182,10 +228,10 @@ class OperatorNormClipper(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._projection()  # fail early on bad geometry, not after N steps
-        self._last_step = _optimizer_step(self.model)
+        self._last_step = optimizer_step(self.model)
 
     def on_train_batch_end(self, batch, logs=None):
-        step = _optimizer_step(self.model)
+        step = optimizer_step(self.model)
         if step // self.every_n_steps > self._last_step // self.every_n_steps:
             self.project_now(step)
         self._last_step = step
@@ -196,7 +242,7 @@ class OperatorNormClipper(keras.callbacks.Callback):
         Norms are NaN when `log_norms` is False.
         """
         _, operators, fn = self._projection()
-        step = _optimizer_step(self.model) if step is None else step
+        step = optimizer_step(self.model) if step is None else step
         before, after = (t.numpy() for t in fn())
         if not self.log_norms:
             before = after = np.full(len(operators), np.nan, np.float32)
@@ -352,10 +398,10 @@ class SpectrumLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._spectra()
-        self._last_step = _optimizer_step(self.model)
+        self._last_step = optimizer_step(self.model)
 
     def on_train_batch_end(self, batch, logs=None):
-        step = _optimizer_step(self.model)
+        step = optimizer_step(self.model)
         if (self.every_n_steps is not None
                 and step // self.every_n_steps > self._last_step // self.every_n_steps):
             self.log_now(step)
@@ -387,7 +433,7 @@ class SpectrumLogger(keras.callbacks.Callback):
         `{name: (lower, upper)}`.
         """
         _, operators, fn, bounds_fn = self._spectra()
-        step = _optimizer_step(self.model) if step is None else int(step)
+        step = optimizer_step(self.model) if step is None else int(step)
         spectra = [values.numpy() for values in fn()]
         bounds = None
         if bounds_fn is not None:

@@ -1,0 +1,183 @@
+"""Keras weight files: legacy `.h5` (Keras 2, `keras.applications`' downloads)
+and Keras 3 `.weights.h5`, read against an architecture."""
+
+import os
+
+import keras
+from keras.src.saving import saving_lib
+
+from tfconvnorm.checkpoints.common import (CheckpointError, first_line, model_operators,
+                                           records_from_operators, require_exists)
+
+
+def _h5py():
+    import h5py  # pylint: disable=g-import-not-at-top  (a Keras dependency)
+    return h5py
+
+
+def _open_h5(path):
+    path = os.fspath(path)
+    require_exists(path)
+    h5py = _h5py()
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise CheckpointError(f"{path}: not a readable HDF5 weights file (truncated?): "
+                              f"{first_line(error)}") from error
+
+
+def _decode(name):
+    return name.decode("utf8") if isinstance(name, bytes) else str(name)
+
+
+def _legacy_group(h5_file):
+    """The group holding legacy (Keras 2 / `keras.applications`) weights, or None."""
+    if "layer_names" in h5_file.attrs:
+        return h5_file
+    if "model_weights" in h5_file and "layer_names" in h5_file["model_weights"].attrs:
+        return h5_file["model_weights"]
+    return None
+
+
+def keras_weights_layer_names(path):
+    """Names of the layers (legacy `.h5`) or weight groups (`.weights.h5`) in a weights file."""
+    with _open_h5(path) as f:
+        group = _legacy_group(f)
+        if group is not None:
+            return [_decode(n) for n in group.attrs["layer_names"]]
+        if "layers" in f:
+            return sorted(f["layers"].keys())
+        return []
+
+
+def _h5_datasets(group):
+    h5py = _h5py()
+    found = {}
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            found[name] = obj
+    group.visititems(visit)
+    return found
+
+
+def _legacy_values(group, model, path):
+    """Values of a legacy weights file, matched layer by layer by name."""
+    saved = [_decode(n) for n in group.attrs["layer_names"]]
+    saved = [n for n in saved if n in group and len(group[n].attrs.get("weight_names", []))]
+    layers = [layer for layer in model.layers if layer.weights]
+    expected = [layer.name for layer in layers]
+    for name in expected:
+        if name not in saved:
+            raise CheckpointError(f"{path}: does not match the architecture: layer {name!r} "
+                                  "has no weights in the file")
+    for name in saved:
+        if name not in expected:
+            raise CheckpointError(f"{path}: does not match the architecture: the file holds "
+                                  f"weights of layer {name!r}, which the model lacks")
+    values = {}
+    for layer in layers:
+        weight_names = [_decode(n) for n in group[layer.name].attrs["weight_names"]]
+        variables = list(layer.trainable_weights) + list(layer.non_trainable_weights)
+        if len(weight_names) != len(variables):
+            raise CheckpointError(
+                f"{path}: does not match the architecture: layer {layer.name!r} has "
+                f"{len(weight_names)} weights in the file, the model {len(variables)}")
+        for variable, weight_name in zip(variables, weight_names):
+            value = group[layer.name][weight_name]
+            if tuple(value.shape) != tuple(variable.shape):
+                raise CheckpointError(
+                    f"{path}: does not match the architecture: variable {weight_name!r} has "
+                    f"shape {tuple(value.shape)} in the file, the architecture expects "
+                    f"{tuple(variable.shape)} ({variable.path!r})")
+            values[variable.path] = value[()]
+    return values
+
+
+class _LayoutRecorder(saving_lib.H5IOStore):
+    """Stands in for Keras' h5 weights store and records which variable Keras
+    would write at each dataset path, writing nothing (not even to the model)."""
+
+    def __init__(self):  # pylint: disable=super-init-not-called  (no file behind it)
+        self.mode = "w"
+        self.layout = {}
+        self._path = ""
+
+    def __bool__(self):  # Keras asks the store whether it has a file
+        return True
+
+    def make(self, path, metadata=None):  # pylint: disable=unused-argument
+        self._path = path
+        return self
+
+    def __setitem__(self, key, value):
+        group = f"{self._path}/vars" if self._path else "vars"
+        self.layout[f"{group}/{key}"] = value
+
+
+def _keras3_layout(model):
+    """h5 dataset path -> variable, for the `.weights.h5` files Keras 3 writes:
+    Keras' own traversal of the model (`saving_lib._save_state`, what
+    `save_weights` runs), recorded instead of written."""
+    recorder = _LayoutRecorder()
+    saving_lib._save_state(model, recorder, None, "", set())  # pylint: disable=protected-access
+    return {path: v for path, v in recorder.layout.items() if isinstance(v, keras.Variable)}
+
+
+def _keras3_values(h5_file, model, path):
+    layout = _keras3_layout(model)
+    stored = {name: d for name, d in _h5_datasets(h5_file).items()
+              if not name.startswith("optimizer/")}
+    by_variable = {id(v): name for name, v in layout.items()}
+    values = {}
+    for variable in model.weights:
+        name = by_variable.get(id(variable))
+        if name is None:
+            continue
+        if name not in stored:
+            raise CheckpointError(
+                f"{path}: does not match the architecture: variable {variable.path!r} "
+                f"(dataset {name!r}) is missing from the file")
+        if tuple(stored[name].shape) != tuple(variable.shape):
+            raise CheckpointError(
+                f"{path}: does not match the architecture: variable {variable.path!r} "
+                f"(dataset {name!r}) has shape {tuple(stored[name].shape)} in the file, the "
+                f"architecture expects {tuple(variable.shape)}")
+        values[variable.path] = stored[name][()]
+    for name in sorted(stored):
+        if name not in layout and stored[name].size:
+            raise CheckpointError(
+                f"{path}: does not match the architecture: dataset {name!r} (shape "
+                f"{tuple(stored[name].shape)}) has no counterpart in the model")
+    return values
+
+
+def read_keras_weights_file(path, model):
+    """Reads a Keras weights file against a built model of the same architecture.
+
+    Both kinds are read: legacy `.h5` files (Keras 2, `keras.applications`'
+    downloads; matched by layer name) and Keras 3 `.weights.h5` files
+    (matched by Keras' own layout). The model's weights are not changed.
+
+    Raises:
+      FileNotFoundError, CheckpointError: a missing, unreadable or mismatching
+        file; a mismatch names the first mismatching layer or variable.
+    """
+    return records_from_operators(model_operators(model), keras_weights_values(path, model))
+
+
+def keras_weights_values(path, model):
+    """Every variable of `model` from a Keras weights file: `{variable path: value}`
+    (arguments and errors as `read_keras_weights_file`)."""
+    path = os.fspath(path)
+    with _open_h5(path) as f:
+        group = _legacy_group(f)
+        try:
+            if group is not None:
+                values = _legacy_values(group, model, path)
+            else:
+                values = _keras3_values(f, model, path)
+        except (OSError, KeyError) as error:
+            raise CheckpointError(f"{path}: unreadable weights file (truncated?): "
+                                  f"{first_line(error)}") from error
+    return values

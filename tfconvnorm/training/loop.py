@@ -1,0 +1,322 @@
+"""Training a CIFAR ResNet V2 with operator-norm projections: `train_and_evaluate`.
+
+Reproduces the experiment of Sedghi, Gupta, Long (ICLR 2019): a pre-activation
+ResNet trained on CIFAR-10 with the TF Model Garden recipe, with and without
+clipping the singular values of every convolution every 100 steps. With
+`clip_to`, every conv kernel is projected every `clip_every` steps with
+`clip_method` ("paper": the published single clip), and the last epoch ends
+on a projection with `final_clip_method` ("alternating" by default, which
+guarantees that every real, zero-padded conv's norm is <= clip_to * (1 +
+1e-4)). Then BatchNormalization statistics are re-estimated on training
+batches, since the running averages lag behind the projections (baseline runs
+too). Killed and restarted with the same `model_dir`, a run resumes from the
+last completed epoch. The command line is `tfconvnorm.cli.train`.
+"""
+
+import math
+import os
+import tempfile
+import time
+
+from absl import logging
+import keras
+import tensorflow as tf
+
+from tfconvnorm import callbacks as tfcn_callbacks
+from tfconvnorm import files
+from tfconvnorm import geometry as tfcn_geometry
+from tfconvnorm import lipschitz as tfcn_lipschitz
+from tfconvnorm import spectral as tfcn_spectral
+from tfconvnorm.callbacks import optimizer_step, recalibrate_batch_norm
+from tfconvnorm.models import cifar_input
+from tfconvnorm.models import resnet_v2
+from tfconvnorm.training.config import (BACKUP_DIR, CHECKPOINT_DIR, CONFIG_FILE, LOG_DIR,
+                                        MODEL_FILE, PROGRESS, RESULTS_FILE, STRATEGIES,
+                                        check_model_dir, validate_config)
+
+def make_strategy(name, tpu=None):
+    """The tf.distribute strategy called `name` (see STRATEGIES)."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker_mirrored":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+
+
+def _worker_id(strategy):
+    """(is_chief, suffix): only the chief writes to model_dir; others write to temp dirs."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    task_id = getattr(resolver, "task_id", None) or 0
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or task_type is None:
+        return True, ""
+    cluster = resolver.cluster_spec().as_dict()
+    is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0
+                                        and "chief" not in cluster)
+    return is_chief, "" if is_chief else f"{task_type}_{task_id}"
+
+
+def learning_rate_schedule(config, steps_per_epoch):
+    """Piecewise-constant learning rate, boundaries in epochs converted to steps."""
+    boundaries = [int(round(b * steps_per_epoch)) for b in config.lr_boundaries]
+    values = [config.learning_rate * config.lr_decay ** i for i in range(len(boundaries) + 1)]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+class _FailOnNaN(keras.callbacks.Callback):
+    """Stops at the first non-finite loss, before anything saves the broken weights.
+
+    Placed first, it raises before the clipper (which refuses NaN kernels), the
+    backup and the checkpoints see the step, so the last good epoch stays there.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise FloatingPointError(
+                f"training diverged: loss {float(loss)} at step {optimizer_step(self.model)}; "
+                f"lower --learning_rate or --clip_to, or resume from the last checkpoint")
+
+
+class _StopAtStep(keras.callbacks.Callback):
+    """Stops training once the optimizer has taken `max_steps` steps (all sessions)."""
+
+    def __init__(self, max_steps):
+        super().__init__()
+        self.max_steps = max_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if optimizer_step(self.model) >= self.max_steps:
+            self.model.stop_training = True
+
+
+class _FinishTraining(keras.callbacks.Callback):
+    """Ends the last epoch on a projection, then re-estimates the BN statistics.
+
+    It sits before BackupAndRestore and the checkpoint callback, so the last
+    checkpoint, the backup and model.keras all hold the projected kernels and
+    matching BN statistics.
+    """
+
+    def __init__(self, last_epoch, projector=None, bn_dataset=None, bn_batches=0):
+        super().__init__()
+        self.last_epoch = last_epoch
+        self.projector = projector
+        self.bn_dataset = bn_dataset
+        self.bn_batches = bn_batches
+        self.norms = None
+
+    def on_train_begin(self, logs=None):
+        if self.projector is not None:
+            self.projector.set_model(self.model)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch >= self.last_epoch or self.model.stop_training:
+            if self.projector is not None:
+                self.norms = self.projector.project_now()
+            if self.bn_batches:
+                used = recalibrate_batch_norm(self.model, self.bn_dataset, self.bn_batches)
+                logging.info("Re-estimated BatchNormalization statistics on %d batches.", used)
+
+
+class _EpochCheckpoint(keras.callbacks.Callback):
+    """Writes tf.train.Checkpoint(model=model) after every epoch, numbered by epoch."""
+
+    def __init__(self, manager):
+        super().__init__()
+        self.manager = manager
+
+    def on_epoch_end(self, epoch, logs=None):
+        path = self.manager.save(checkpoint_number=epoch + 1)
+        logging.info("Saved checkpoint %s", path)
+
+
+class _SessionRecorder(keras.callbacks.Callback):
+    """Remembers the first epoch run in this session and the last epoch's logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.first_epoch = None
+        self.last_epoch = None
+        self.last_logs = {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.first_epoch is None:
+            self.first_epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.last_epoch = epoch
+        self.last_logs = {k: float(v) for k, v in (logs or {}).items()}
+
+
+def operator_norms(model):
+    """{kernel path: (kind, lower, upper)}: a certified interval for the norm of
+    every operator layer as the model computes it (its own zero padding)."""
+    operators = tfcn_geometry.model_geometry(model)
+    kernels = [op.to_spectral(tf.convert_to_tensor(op.variable.value)) for op in operators]
+    bounds = tfcn_spectral.conv_operator_norm_bounds_many(
+        kernels, [op.geometry for op in operators])
+    return {op.name: (op.geometry.kind, float(b.lower), float(b.upper))
+            for op, b in zip(operators, bounds)}
+
+
+def build_model(config):
+    """The compiled-ready (uncompiled) model a config describes; analysis rebuilds it so."""
+    return resnet_v2.cifar_resnet_v2(
+        config.depth, num_classes=config.num_classes, input_shape=config.input_shape,
+        weight_decay=config.weight_decay)
+
+
+def train_and_evaluate(config, model_dir):
+    """Trains and evaluates as `config` says, writing everything under `model_dir`.
+
+    Resumes from `model_dir/backup` when a previous run there was interrupted;
+    returns the stored results when that run had already finished.
+
+    Returns:
+      The results dict also written to `model_dir/results.json`.
+
+    Raises:
+      ValueError: a bad config or model_dir (checked before any work).
+      models.cifar_input.DataUnavailableError: the dataset cannot be found.
+    """
+    validate_config(config)
+    check_model_dir(config, model_dir)
+    results_path = os.path.join(model_dir, RESULTS_FILE)
+    if tf.io.gfile.exists(results_path):
+        logging.info("%s already holds a finished run; returning its results.", model_dir)
+        return files.read_json(results_path)
+
+    start = time.time()
+    strategy = make_strategy(config.strategy, config.tpu)
+    is_chief, worker_suffix = _worker_id(strategy)
+    # Non-chief workers write to a throw-away directory (the Model Garden way).
+    write_dir = model_dir if is_chief else tempfile.mkdtemp(prefix=f"train_{worker_suffix}_")
+    tf.io.gfile.makedirs(write_dir)
+    if is_chief:
+        files.write_json(os.path.join(model_dir, CONFIG_FILE), config.to_json_dict())
+    keras.utils.set_random_seed(config.seed)
+
+    train_data, num_train = cifar_input.build_dataset(
+        config.dataset, "train", config.batch_size, data_dir=config.data_dir,
+        manual_dir=config.manual_dir, download=config.download,
+        shuffle_buffer=config.shuffle_buffer, seed=config.seed)
+    test_data, num_test = cifar_input.build_dataset(
+        config.dataset, "test", config.batch_size, data_dir=config.data_dir,
+        manual_dir=config.manual_dir, download=config.download)
+    steps_per_epoch = num_train // config.batch_size
+    epochs = config.epochs
+    if config.max_steps is not None:
+        epochs = min(epochs, math.ceil(config.max_steps / steps_per_epoch))
+
+    previous_policy = keras.mixed_precision.global_policy()
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy(
+            "mixed_bfloat16" if config.strategy == "tpu" else "mixed_float16")
+    try:
+        with strategy.scope():
+            model = build_model(config)
+            optimizer = keras.optimizers.SGD(
+                learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum)
+            model.compile(
+                optimizer=optimizer,
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+
+        callbacks = [_FailOnNaN()]
+        final = None
+        if config.max_steps is not None:
+            callbacks.append(_StopAtStep(config.max_steps))
+        if config.clip_to is not None:
+            # Conv kernels only, as in the paper: the dense classifier is left free.
+            clipper = tfcn_callbacks.OperatorNormClipper(
+                config.clip_to, every_n_steps=config.clip_every, method=config.clip_method,
+                kinds=tfcn_geometry.CONV_KINDS, boundary=config.clip_boundary)
+            final = clipper
+            if (config.final_clip_method != config.clip_method
+                    or config.clip_boundary != tfcn_geometry.BOUNDARY_LAYER):
+                final = tfcn_callbacks.OperatorNormClipper(
+                    config.clip_to, method=config.final_clip_method,
+                    kinds=tfcn_geometry.CONV_KINDS)
+            callbacks.append(clipper)
+        finish = _FinishTraining(epochs - 1, final, train_data, config.bn_recalibration_batches)
+        callbacks.append(finish)
+        log_dir = os.path.join(write_dir, LOG_DIR)
+        if config.spectra_every_n_epochs:
+            callbacks.append(tfcn_callbacks.SpectrumLogger(
+                log_dir, every_n_epochs=config.spectra_every_n_epochs))
+        backup_dir = os.path.join(
+            model_dir, BACKUP_DIR + (f"_{worker_suffix}" if worker_suffix else ""))
+        callbacks.append(keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True))
+        manager = tf.train.CheckpointManager(
+            tf.train.Checkpoint(model=model), os.path.join(write_dir, CHECKPOINT_DIR),
+            max_to_keep=config.checkpoints_to_keep or None)
+        recorder = _SessionRecorder()
+        callbacks += [_EpochCheckpoint(manager), recorder,
+                      keras.callbacks.TensorBoard(log_dir, update_freq="epoch", profile_batch=0)]
+
+        model.fit(train_data, epochs=epochs, validation_data=test_data, shuffle=False,
+                  validation_freq=config.validation_freq, callbacks=callbacks,
+                  verbose=PROGRESS[config.progress])
+        test_metrics = model.evaluate(test_data, return_dict=True, verbose=0)
+        norms = operator_norms(model)
+        certificate = tfcn_lipschitz.lipschitz_bound(model)
+
+        model_path = os.path.join(write_dir, MODEL_FILE)
+        tmp_model_path = os.path.join(write_dir, f".tmp-{os.getpid()}-{MODEL_FILE}")
+        model.save(tmp_model_path)
+        tf.io.gfile.rename(tmp_model_path, model_path, overwrite=True)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+    conv_norms = [upper for kind, _, upper in norms.values() if kind in tfcn_geometry.CONV_KINDS]
+    final_projection = None
+    if finish.norms:
+        before, after = zip(*finish.norms.values())
+        final_projection = {"method": config.final_clip_method, "max_norm_before": max(before),
+                            "max_norm_after": max(after)}
+    results = {
+        "test_accuracy": float(test_metrics["accuracy"]),
+        "test_error": 1.0 - float(test_metrics["accuracy"]),
+        "test_loss": float(test_metrics["loss"]),
+        "train_accuracy": recorder.last_logs.get("accuracy"),
+        "train_loss": recorder.last_logs.get("loss"),
+        # Measured by Keras before the final projection (None if not evaluated).
+        "last_epoch_val_accuracy": recorder.last_logs.get("val_accuracy"),
+        "steps": optimizer_step(model),
+        "epochs_completed": epochs,
+        "resumed_from_epoch": recorder.first_epoch if recorder.first_epoch is not None else epochs,
+        "num_train_examples": num_train,
+        "num_test_examples": num_test,
+        "num_params": int(model.count_params()),
+        "clip_to": config.clip_to,
+        # Certified: lower <= each layer's norm (with its zero padding) <= upper.
+        "operator_norms": {name: upper for name, (_, _, upper) in norms.items()},
+        "operator_norm_lower_bounds": {name: lower for name, (_, lower, _) in norms.items()},
+        "operator_kinds": {name: kind for name, (kind, _, _) in norms.items()},
+        "max_conv_operator_norm": max(conv_norms) if conv_norms else None,
+        "max_conv_norm_over_bound": (max(conv_norms) / config.clip_to
+                                     if config.clip_to and conv_norms else None),
+        # The projection that ended training: largest conv norm before and after it.
+        "final_projection": final_projection,
+        # Certified: the trained model (inference mode) is this Lipschitz in l2.
+        "lipschitz_upper_bound": float(certificate),
+        "lipschitz_top_contributors": {f.name: f.factor
+                                       for f in certificate.top_contributors(5)},
+        "wall_time_s": time.time() - start,
+        "model_path": model_path,
+        "latest_checkpoint": manager.latest_checkpoint,
+        "flags": config.to_json_dict(),
+    }
+    if is_chief:
+        files.write_json(results_path, results)
+    else:
+        tf.io.gfile.rmtree(write_dir)
+    return results
