@@ -187,6 +187,12 @@ def _input_shapes(function, image_size):
     return shapes
 
 
+def _copy(function):
+    copied = type(function)()
+    copied.CopyFrom(function)
+    return copied
+
+
 def read_savedmodel(path, image_size=None):
     """Reads the kernels of a TF2 SavedModel with their geometry (see the module).
 
@@ -219,9 +225,15 @@ def read_savedmodel(path, image_size=None):
         args = {a.name: i for i, a in enumerate(function.signature.input_arg)}
         if not any((name, i) in known for i in args.values()):
             continue
+        shapes = _input_shapes(function, image_size)
+        if shapes is not None:
+            # A saved argument shape would override the one given: drop it.
+            function = _copy(function)
+            for index, shape in enumerate(shapes):
+                if shape is not None and index in function.arg_attr:
+                    del function.arg_attr[index].attr["_output_shapes"]
         try:
-            graph = function_def_to_graph.function_def_to_graph(
-                function, input_shapes=_input_shapes(function, image_size))
+            graph = function_def_to_graph.function_def_to_graph(function, input_shapes=shapes)
         except Exception as error:  # pylint: disable=broad-except
             raise CheckpointError(f"{path}: cannot rebuild the graph of function {name!r}: "
                                   f"{first_line(error)}") from error
