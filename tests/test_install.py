@@ -11,6 +11,7 @@ the tools need, installs no generic top-level names, and that
 import json
 import os
 import pathlib
+import shutil
 import site
 import subprocess
 import sys
@@ -39,8 +40,13 @@ def test_pip_install_gives_working_tools(tmp_path):
                              .stdout.strip())
     (installed / "_test_dependencies.pth").write_text(
         "\n".join(site.getsitepackages()) + "\n")
+    # From a copy, as from a clean clone: the in-tree build leaves build/ behind.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", "runs",
+        "demo_output"))
     _run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-          str(ROOT)], tmp_path)
+          str(source)], tmp_path)
     names = {p.name for p in installed.iterdir()}
     assert "tfconvnorm" in names
     assert not names & {"models", "train", "analyze", "demo", "benchmarks", "tests"}

@@ -14,7 +14,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfconvnorm import constraints as constraints_lib
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm import lipschitz as lipschitz_lib
 from tfconvnorm import plotting
@@ -61,9 +60,8 @@ def make_projection_fn(operators, max_norm, method=DEFAULT_CLIPPER_METHOD, itera
       False), a `tf.function` that traces once (on its first call, or on
       `get_concrete_function()`).
     """
-    constraints_lib._check_positive(max_norm, "max_norm")  # pylint: disable=protected-access
-    if method not in spectral.METHODS:
-        raise ValueError(f"`method` must be one of {spectral.METHODS}; received method={method!r}.")
+    spectral.check_positive(max_norm, "max_norm")
+    spectral.check_method(method)
     operators = list(operators)
     if not operators:
         raise ValueError("`operators` is empty: there is nothing to project.")
@@ -72,13 +70,7 @@ def make_projection_fn(operators, max_norm, method=DEFAULT_CLIPPER_METHOD, itera
 
     @tf.function(autograph=False, jit_compile=False)
     def project():
-        dtypes, convs = [], []
-        for op in operators:
-            value = tf.convert_to_tensor(op.variable.value)
-            dtypes.append(value.dtype)
-            if value.dtype not in (tf.float32, tf.float64):
-                value = tf.cast(value, tf.float32)
-            convs.append(op.to_spectral(value))
+        convs, dtypes = _spectral_kernels(operators, with_dtypes=True)
         # One pooled call for all kernels: one decomposition per matrix size.
         clipped = spectral.clip_conv_singular_values_many(
             convs, geometries, max_norm=max_norm, method=method, iterations=iterations)
@@ -193,12 +185,9 @@ class OperatorNormClipper(keras.callbacks.Callback):
                  method=DEFAULT_CLIPPER_METHOD, layers=None, kinds=None, iterations=None,
                  log_norms=True, **geometry_kwargs):
         super().__init__()
-        self.max_norm = constraints_lib._check_positive(  # pylint: disable=protected-access
-            max_norm, "max_norm")
+        self.max_norm = spectral.check_positive(max_norm, "max_norm")
         self.every_n_steps = _check_every(every_n_steps, "every_n_steps")
-        if method not in spectral.METHODS:
-            raise ValueError(f"`method` must be one of {spectral.METHODS}; received "
-                             f"method={method!r}.")
+        spectral.check_method(method)
         self.method = method
         self.layers = layers
         self.kinds = kinds
@@ -268,15 +257,12 @@ def _spectra_figure_png(names, spectra, title):
     return plotting.figure_to_png(figure, dpi=_FIGURE_DPI)
 
 
-def _spectral_kernels(operators):
-    """Every operator's current kernel in the conv layout, in a core dtype."""
-    kernels = []
-    for op in operators:
-        value = tf.convert_to_tensor(op.variable.value)
-        if value.dtype not in (tf.float32, tf.float64):
-            value = tf.cast(value, tf.float32)
-        kernels.append(op.to_spectral(value))
-    return kernels
+def _spectral_kernels(operators, with_dtypes=False):
+    """Every operator's current kernel in the conv layout and a core dtype (and,
+    with `with_dtypes`, the variables' own dtypes)."""
+    pairs = [spectral.core_tensor(op.variable) for op in operators]
+    kernels = [op.to_spectral(value) for op, (value, _) in zip(operators, pairs)]
+    return (kernels, [dtype for _, dtype in pairs]) if with_dtypes else kernels
 
 
 def make_spectra_fn(operators):

@@ -16,11 +16,11 @@ layer. `constrain()` always passes the layer's own padding.
 XLA: Keras compiles the train step with XLA only when `compile(jit_compile=True)`
 is given, or with `jit_compile="auto"` (the default) on a machine with a GPU.
 The constraint then runs inside XLA, where batched complex `eigh` is far
-slower than in TensorFlow's own kernels (27x on a CPU). Compile models that
-use it with `jit_compile=False`; `constrain()` does so for compiled models.
+slower than in TensorFlow's own kernels (docs/DESIGN.md, "Facts"). Compile
+models that use it with `jit_compile=False`; `constrain()` does so for compiled
+models.
 """
 
-import math
 import warnings
 
 import keras
@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm import spectral
+from tfconvnorm.spectral import check_positive
 
 #: Kernel layouts a constraint/regularizer accepts (see OperatorNormConstraint).
 LAYOUT_CONV = "conv"
@@ -43,21 +44,6 @@ _LAYOUT_OF_KIND = {
     geometry_lib.KIND_SEPARABLE_DEPTHWISE: LAYOUT_DEPTHWISE,
     geometry_lib.KIND_CONV_TRANSPOSE: LAYOUT_CONV_TRANSPOSE,
 }
-# Dtypes the spectral core computes in; others (float16, bfloat16) go via float32.
-_CORE_DTYPES = (tf.float32, tf.float64)
-
-
-def _check_positive(value, argument, allow_zero=False):
-    """A finite number > 0 (>= 0 with allow_zero), as a Python float."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        value = float(value)
-        ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"`{argument}` must be a finite number {bound}; received "
-                         f"{argument}={value!r}.")
-    return value
 
 
 def _normalize_padding_arg(padding):
@@ -158,18 +144,9 @@ class _OperatorGeometry:
         return config
 
 
-def _to_core(w):
-    """The kernel as a tensor in a dtype the core handles, and its own dtype."""
-    w = tf.convert_to_tensor(w.value if isinstance(w, keras.Variable) else w)
-    dtype = w.dtype
-    if dtype not in _CORE_DTYPES:
-        w = tf.cast(w, tf.float32)
-    return w, dtype
-
-
 def _operator_norm(geometry, w):
     """(exact operator norm of the kernel `w` in its own layout, w's dtype)."""
-    kernel, dtype = _to_core(w)
+    kernel, dtype = spectral.core_tensor(w)
     conv = geometry_lib.to_conv_layout(kernel, geometry.kind())
     return spectral.conv_operator_norm(conv, **geometry.spectral_args(kernel.shape)), dtype
 
@@ -233,10 +210,8 @@ class OperatorNormConstraint(keras.constraints.Constraint):
     def __init__(self, max_norm, input_shape, strides=1, dilation_rate=1, groups=1,
                  method=spectral.DEFAULT_METHOD, iterations=None, layout=LAYOUT_CONV,
                  padding=spectral.CIRCULAR, output_padding=None):
-        self.max_norm = _check_positive(max_norm, "max_norm")
-        if method not in spectral.METHODS:
-            raise ValueError(f"`method` must be one of {spectral.METHODS}; received "
-                             f"method={method!r}.")
+        self.max_norm = check_positive(max_norm, "max_norm")
+        spectral.check_method(method)
         if iterations is not None and (isinstance(iterations, bool)
                                        or not isinstance(iterations, int) or iterations < 1):
             raise ValueError(f"`iterations` must be None or a positive int; received "
@@ -251,7 +226,7 @@ class OperatorNormConstraint(keras.constraints.Constraint):
     padding = property(lambda self: self._geometry.padding)
 
     def __call__(self, w):
-        kernel, dtype = _to_core(w)
+        kernel, dtype = spectral.core_tensor(w)
         kind = self._geometry.kind()
         conv = geometry_lib.to_conv_layout(kernel, kind)
         clipped = spectral.clip_conv_singular_values(
@@ -301,8 +276,8 @@ class OperatorNormRegularizer(keras.regularizers.Regularizer):
     def __init__(self, weight, input_shape, strides=1, dilation_rate=1, groups=1,
                  threshold=0.0, layout=LAYOUT_CONV, padding=spectral.CIRCULAR,
                  output_padding=None):
-        self.weight = _check_positive(weight, "weight", allow_zero=True)
-        self.threshold = _check_positive(threshold, "threshold", allow_zero=True)
+        self.weight = check_positive(weight, "weight", allow_zero=True)
+        self.threshold = check_positive(threshold, "threshold", allow_zero=True)
         self._geometry = _OperatorGeometry(input_shape, strides, dilation_rate, groups, layout,
                                            padding, output_padding)
 
@@ -387,7 +362,7 @@ def constrain(model, max_norm, method=spectral.DEFAULT_METHOD, layers=None, kind
         input size, a stride that does not divide its input size, or a kernel
         that already has a constraint of another type.
     """
-    _check_positive(max_norm, "max_norm")
+    check_positive(max_norm, "max_norm")
     operators = geometry_lib.model_geometry(model, layers=layers, kinds=kinds,
                                             **geometry_kwargs)
     for op in operators:

@@ -486,7 +486,7 @@ def layer_geometry(layer, input_shape=None, round_up=False, boundary=BOUNDARY_LA
 # Reading input sizes from a model's graph.
 
 
-def _functional_of(model):
+def functional_of(model):
     """The functional graph behind a model, if it has one (None for subclassed)."""
     if isinstance(model, keras.Sequential):
         return getattr(model, "_functional", None)
@@ -517,7 +517,7 @@ def _walk_graph(functional, inputs, seen_shapes):
             new_inputs = [tensors[id(x)] for x in node.input_tensors]
             if new_inputs:
                 seen_shapes.setdefault(id(op), []).append(tuple(new_inputs[0].shape))
-            inner = _functional_of(op)
+            inner = functional_of(op)
             if inner is not None:
                 args, _ = node.arguments.fill_in(tensors)
                 outputs = _walk_graph(inner, args[0] if args else new_inputs, seen_shapes)
@@ -608,7 +608,7 @@ def model_geometry(model, layers=None, input_shape=None, layer_input_shapes=None
                          f"{missing}. Available layers: {sorted(names)}.")
 
     seen_shapes = {}
-    functional = _functional_of(model)
+    functional = functional_of(model)
     if functional is not None:
         _walk_graph(functional, _input_specs(functional, input_shape), seen_shapes)
     elif input_shape is not None:

@@ -128,14 +128,6 @@ class _Unsupported(ValueError):
     pass
 
 
-def _functional_of(model):
-    if isinstance(model, keras.Sequential):
-        return getattr(model, "_functional", None)
-    if hasattr(model, "_nodes_by_depth") and hasattr(model, "inputs"):
-        return model
-    return None
-
-
 def _activation_constant(activation, where):
     """Lipschitz constant of an activation given as a Keras function or name."""
     name = activation if isinstance(activation, str) else None
@@ -428,7 +420,7 @@ def _propagate(state, functional, input_bounds, prefix):
                 continue
             inputs = [bounds[id(x)] for x in node.input_tensors]
             name = f"{prefix}{op.name}"
-            inner = _functional_of(op)
+            inner = geometry_lib.functional_of(op)
             if inner is not None:
                 outputs = _propagate(state, inner, inputs, f"{name}/")
             else:
@@ -539,7 +531,7 @@ def lipschitz_bound(model, input_shape=None, layer_bounds=None):
     """
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a keras.Model; received {type(model).__name__}.")
-    functional = _functional_of(model)
+    functional = geometry_lib.functional_of(model)
     if functional is None:
         raise ValueError(f"model '{model.name}' is subclassed: its graph cannot be read, so no "
                          "Lipschitz bound can be propagated. Use a functional or Sequential "

@@ -28,6 +28,7 @@ from tensorflow.python.framework import function_def_to_graph
 
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm.checkpoints.common import (TF2_GRAPH_KEY, CheckpointError, LayerRecord,
+                                           conv_op_attributes,
                                            first_line, get_tensor, require_exists)
 
 SAVED_MODEL_FILENAME = "saved_model.pb"
@@ -142,17 +143,7 @@ def _geometry(op, kernel_shape):
         return geometry_lib.ConvGeometry(shape, (), (), (), 1, geometry_lib.KIND_DENSE,
                                          geometry_lib.DENSE_PADDING), transpose
     rank = len(kernel_shape) - 2
-    data_format = op.get_attr("data_format")
-    channels_first = (data_format.decode() if isinstance(data_format, bytes)
-                      else data_format).startswith("NC")
-    axes = list(range(2, rank + 2)) if channels_first else list(range(1, rank + 1))
-    strides = tuple(int(op.get_attr("strides")[a]) for a in axes)
-    dilations = tuple(int(op.get_attr("dilations")[a]) for a in axes)
-    padding = op.get_attr("padding")
-    padding = (padding.decode() if isinstance(padding, bytes) else padding).lower()
-    if padding == "explicit":
-        pads = list(op.get_attr("explicit_paddings"))
-        padding = tuple((int(pads[2 * a]), int(pads[2 * a + 1])) for a in axes)
+    channels_first, _, strides, dilations, padding = conv_op_attributes(op, rank)
     transposed = op.type == "Conv2DBackpropInput"
     data = op.outputs[0] if transposed else op.inputs[0]
     size = _spatial(data.shape, channels_first, rank)

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm.checkpoints.common import (CheckpointError, LayerRecord, checkpoint_shapes,
+                                           conv_op_attributes,
                                            first_line, get_tensor, require_exists,
                                            resolve_checkpoint_prefix)
 
@@ -106,15 +107,7 @@ def _static_input_size(op):
 
 def _tf1_geometry(op, image_size_hint, meta_path):
     """`ConvGeometry` and kernel shape of one TF1 conv op."""
-    channels_first = op.get_attr("data_format") in (b"NCHW", "NCHW")
-    spatial_axes = (2, 3) if channels_first else (1, 2)
-    strides = tuple(int(op.get_attr("strides")[a]) for a in spatial_axes)
-    dilations = tuple(int(op.get_attr("dilations")[a]) for a in spatial_axes)
-    padding = op.get_attr("padding")
-    padding = (padding.decode() if isinstance(padding, bytes) else padding).lower()
-    if padding == "explicit":
-        pads = list(op.get_attr("explicit_paddings"))
-        padding = tuple((int(pads[2 * a]), int(pads[2 * a + 1])) for a in spatial_axes)
+    channels_first, spatial_axes, strides, dilations, padding = conv_op_attributes(op, 2)
     filter_shape = tuple(op.inputs[1].shape.as_list())
     data_shape = _data_shape(op)
     # A transposed conv is the adjoint of the strided conv of its output size:

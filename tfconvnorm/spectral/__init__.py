@@ -63,6 +63,8 @@ Everything here is pure TensorFlow: graph-safe (`tf.function` with static
 kernel shapes), dtype-preserving, and free of Keras.
 """
 
+from tfconvnorm.spectral.arguments import (CORE_DTYPES, METHODS, check_method, check_positive,
+                                           core_tensor)
 from tfconvnorm.spectral.bounds import (
     DEFAULT_POWER_ITERATIONS,
     NormBounds,
@@ -73,7 +75,6 @@ from tfconvnorm.spectral.bounds import (
 from tfconvnorm.spectral.padding import CIRCULAR, PADDING_MODES, CircularEmbedding, circular_embedding
 from tfconvnorm.spectral.projection import (
     DEFAULT_METHOD,
-    METHODS,
     clip_conv_singular_values,
     clip_conv_singular_values_batch,
     clip_conv_singular_values_many,

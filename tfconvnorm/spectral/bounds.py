@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfconvnorm.spectral import padding as padding_lib
+from tfconvnorm.spectral.arguments import core_tensor
 from tfconvnorm.spectral.operator import Geometry, prepare_kernel
 from tfconvnorm.spectral.pooling import check_list, norms_of_stacks, plan, scatter
 
@@ -300,8 +301,7 @@ def conv_operator_norm_bounds_many(kernels, geometries, iterations=DEFAULT_POWER
     iterated, explicit = {}, {}
     for index, (kernel, g) in enumerate(zip(kernels, layers)):
         if not _is_the_circular_operator(g):
-            if kernel.dtype not in (tf.float32, tf.float64):
-                kernel = tf.cast(kernel, tf.float32)
+            kernel, _ = core_tensor(kernel)
             target = explicit if _is_small(g) else iterated
             target.setdefault(_geometry_key(kernel, g), []).append((index, kernel))
     for key, members in iterated.items():

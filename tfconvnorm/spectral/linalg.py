@@ -22,11 +22,11 @@ _GRAM_CONDITION_THRESHOLD = 1e-8
 #: pick the candidates for the largest singular value, by matrix size
 #: (size limit, squarings, first squaring after which to prune). After j
 #: squarings the upper bound is within a factor size^(1/2^j) of the truth:
-#: too loose to prune anything before the first pruning stage (measured on
-#: ResNet-32: 64x64 matrices, 98% survive 2 squarings, 15% survive 3), and
+#: too loose to prune anything before the first pruning stage (on ResNet-32's
+#: 64x64 matrices nearly all survive 2 squarings, a small fraction 3), and
 #: the exact complex128 decomposition of each remaining candidate costs more
-#: than the last squarings of the few survivors (64x64: 46 candidates after 3
-#: squarings, 11 ms of eigvalsh; 10 after 5).
+#: than the last squarings of the few survivors. Timings: BENCHMARKS.md
+#: (`make bench`, the breakdown workload).
 _GRAM_SQUARINGS = ((16, 3, 1), (32, 4, 2), (None, 5, 3))
 
 
@@ -36,13 +36,13 @@ _GRAM_SQUARINGS = ((16, 3, 1), (32, 4, 2), (None, 5, 3))
 #: float32's smallest normal number.
 _RENORMALISE_EVERY = {tf.float32: 3, tf.float64: 6}
 #: Up to this Gram size TF's complex128 matmul beats Gauss's three float64
-#: matmuls (`_gram`); above it, not (measured on a 2-core CPU).
+#: matmuls (`_gram`); above it, not (the crossover found with `make bench`).
 _NATIVE_COMPLEX_GRAM_MAX_SIZE = 32
 #: Relative rounding allowance on those bounds, so that no candidate is lost.
 _BOUND_SLACK = {tf.float32: 1e-4, tf.float64: 1e-10}
 #: Above this matrix size the squarings cost more than a working-precision
-#: eigvalsh of every matrix (measured on a 2-core CPU: 16 and 64 favour the
-#: bounds, 128 and 256 eigvalsh), which screens instead.
+#: eigvalsh of every matrix (sizes up to 64 favour the bounds, 128 and up
+#: eigvalsh, with `make bench`), which screens instead.
 _GRAM_BOUNDS_MAX_SIZE = 64
 #: Allowance on the screening eigenvalues: complex64 eigvalsh is backward
 #: stable, so its largest eigenvalue is within ~size * 6e-8 (relative).
@@ -67,7 +67,7 @@ def gram_parts(real, imag):
     Four real matmuls instead of one complex one: TF's real kernels are
     several times faster than its complex ones, and the transposes ride
     inside the matmuls (no concat or transpose pass over the batch).
-    (Gauss's three-matmul trick measured no faster here.)
+    (Gauss's three-matmul trick is no faster at these sizes.)
     """
     rows, cols = real.shape[-2:]
     if rows <= cols:  # P P^H
@@ -91,8 +91,7 @@ def _gram(real, imag=None):
     wins on small matrices; above `_NATIVE_COMPLEX_GRAM_MAX_SIZE` it is only
     as fast as four float64 matmuls, and Gauss's trick needs three
     (`_gram_gauss`). The Gram matrix is most of the cost of a full spectrum
-    of wide layers (ResNet50V2's 512-channel convs: 480 -> 360 ms per 28
-    matrices).
+    of wide layers (ResNet50V2's 512-channel convs).
     """
     rows, cols = real.shape[-2:]
     if imag is None:
@@ -183,7 +182,7 @@ def largest_singular_values(real, imag, segment, count):
     if min(rows, cols) > _GRAM_BOUNDS_MAX_SIZE:
         # Squarings cost more than eigvalsh itself at this size: screen with
         # eigvalsh in the working precision (complex64 for float32 kernels,
-        # 2x faster, its largest eigenvalue good to ~size * eps), then redo
+        # cheaper, its largest eigenvalue good to ~size * eps), then redo
         # the contenders in complex128.
         screen = tf.math.real(tf.linalg.eigvalsh(tf.complex(gram_real, gram_imag)))[:, -1]
         best = tf.math.unsorted_segment_max(screen, segment, count)
@@ -254,7 +253,7 @@ def largest_singular_values(real, imag, segment, count):
 
 def _complex_matmul_parts(a_real, a_imag, b_real, b_imag, transpose_b=False):
     """Parts of A B (or A B^H with transpose_b) in four real matmuls: TF's
-    complex64 matmul is 2-3x slower than that on small batched matrices."""
+    complex64 matmul is slower than that on small batched matrices."""
     mm = functools.partial(tf.matmul, transpose_b=transpose_b)
     sign = -1.0 if transpose_b else 1.0  # B^H = B_r^T - i B_i^T
     return (mm(a_real, b_real) - sign * mm(a_imag, b_imag),

@@ -13,34 +13,12 @@ import numpy as np
 import tensorflow as tf
 
 from tfconvnorm.spectral import padding as padding_lib
+from tfconvnorm.spectral.arguments import int_tuple
 
 #: Largest (frequencies * phases * taps) for which the per-axis DFT factors
 #: are combined into one matrix (`_combined_factors`, 2 * 8 bytes per entry
 #: in float64); beyond it, one contraction per axis.
 COMBINED_FACTOR_MAX_ENTRIES = 1 << 21
-
-
-def _int_tuple(value, rank, name):
-    """An int or a sequence of `rank` positive ints, as a tuple."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        items = (int(value),) * rank
-    else:
-        try:
-            items = tuple(value)
-        except TypeError:
-            raise ValueError(f"{name} must be an int or a sequence of {rank} ints, "
-                             f"got {name}={value!r}") from None
-        if len(items) != rank:
-            raise ValueError(f"{name} must have {rank} entries (one per spatial axis of "
-                             f"the kernel), got {name}={value!r}")
-        for item in items:
-            if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
-                raise ValueError(f"{name} must hold ints, got {name}={value!r}")
-        items = tuple(int(v) for v in items)
-    for item in items:
-        if item <= 0:
-            raise ValueError(f"{name} must be positive, got {name}={value!r}")
-    return items
 
 
 class Geometry:
@@ -75,9 +53,9 @@ class Geometry:
                 f"input_shape={input_shape!r}")
         self.rank = rank
         self.kernel_size = kernel_shape[:rank]
-        self.layer_input_shape = _int_tuple(input_shape, rank, "input_shape")
-        self.strides = _int_tuple(strides, rank, "strides")
-        self.dilation_rate = _int_tuple(dilation_rate, rank, "dilation_rate")
+        self.layer_input_shape = int_tuple(input_shape, rank, "input_shape")
+        self.strides = int_tuple(strides, rank, "strides")
+        self.dilation_rate = int_tuple(dilation_rate, rank, "dilation_rate")
         if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups <= 0:
             raise ValueError(f"groups must be a positive int, got groups={groups!r}")
         self.groups = int(groups)
@@ -188,8 +166,8 @@ def _combined_factors(keys):
     (taps, 2 * F * P), F frequencies and P phases in row-major axis order.
 
     Real and imaginary parts are stacked so that a single real matmul does a
-    whole transform: one op instead of a few dozen, which on small kernels
-    is most of the cost (ResNet-32: 33 ms -> see BENCHMARKS.md).
+    whole transform: one op instead of a few dozen, whose launches are most
+    of the cost on small kernels (BENCHMARKS.md, the breakdown workload).
     """
     forward, inverse = np.ones((1, 1, 1)), np.ones((1, 1, 1))
     for key in keys:

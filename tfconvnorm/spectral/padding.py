@@ -29,6 +29,8 @@ import typing
 
 import numpy as np
 
+from tfconvnorm.spectral.arguments import int_tuple
+
 #: The published operator: wrap-around boundary, at the input size itself.
 CIRCULAR = "circular"
 #: Padding modes by name; explicit pads are given as per-axis (before, after).
@@ -122,19 +124,9 @@ def circular_embedding(kernel_size, input_shape, strides=1, dilation_rate=1, pad
     kernel_size = tuple(int(k) for k in kernel_size)
     rank = len(kernel_size)
 
-    def per_axis(value, name):
-        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-            value = (int(value),) * rank
-        value = tuple(value)
-        if len(value) != rank or any(isinstance(v, bool) or not isinstance(v, (int, np.integer))
-                                     or v < 1 for v in value):
-            raise ValueError(f"{name} must be a positive int or {rank} positive ints, got "
-                             f"{name}={value!r}")
-        return tuple(int(v) for v in value)
-
-    input_shape = per_axis(input_shape, "input_shape")
-    strides = per_axis(strides, "strides")
-    dilation_rate = per_axis(dilation_rate, "dilation_rate")
+    input_shape = int_tuple(input_shape, rank, "input_shape")
+    strides = int_tuple(strides, rank, "strides")
+    dilation_rate = int_tuple(dilation_rate, rank, "dilation_rate")
     padding = normalize_padding(padding, rank)
     if padding == CIRCULAR:
         if any(n % s for n, s in zip(input_shape, strides)):

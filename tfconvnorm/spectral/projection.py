@@ -6,14 +6,13 @@ import numpy as np
 import tensorflow as tf
 
 from tfconvnorm.spectral import padding as padding_lib
+from tfconvnorm.spectral.arguments import check_method
 from tfconvnorm.spectral.linalg import clip_matrices, safe_scale
 from tfconvnorm.spectral.operator import Geometry, tiny, work_dtypes
 from tfconvnorm.spectral.pooling import (batch_arguments, clip_matrices_pooled, norms_of_stacks,
                                          plan, scatter)
 from tfconvnorm.spectral.transforms import forward, inverse
 
-#: Projection methods accepted by `clip_conv_singular_values`.
-METHODS = ("alternating", "paper", "exact")
 #: The default method: the only cheap one that guarantees the bound.
 DEFAULT_METHOD = "alternating"
 #: Alternating-projection rounds before the final rescale. More rounds move
@@ -132,8 +131,7 @@ def clip_conv_singular_values_many(kernels, geometries, max_norm, method=DEFAULT
     This is what `OperatorNormClipper` runs. `kernels` and `geometries` as
     for `conv_singular_values_many`; returns a list of kernels.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got method={method!r}")
+    check_method(method)
     max_norm = _check_max_norm(max_norm)
     if iterations is None:
         iterations = (DEFAULT_EXACT_MAX_ITERATIONS if method == "exact"

@@ -1,0 +1,68 @@
+"""Argument checks shared by every public function (and by the Keras glue).
+
+Errors name the argument and the value received.
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+#: Projection methods accepted by `clip_conv_singular_values`.
+METHODS = ("alternating", "paper", "exact")
+#: Dtypes the core computes in; others (float16, bfloat16, ints) go via float32.
+CORE_DTYPES = (tf.float32, tf.float64)
+
+
+def int_tuple(value, rank, name):
+    """An int or a sequence of `rank` positive ints, as a tuple."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        items = (int(value),) * rank
+    else:
+        try:
+            items = tuple(value)
+        except TypeError:
+            raise ValueError(f"{name} must be an int or a sequence of {rank} ints, "
+                             f"got {name}={value!r}") from None
+        if len(items) != rank:
+            raise ValueError(f"{name} must have {rank} entries (one per spatial axis of "
+                             f"the kernel), got {name}={value!r}")
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+                raise ValueError(f"{name} must hold ints, got {name}={value!r}")
+        items = tuple(int(v) for v in items)
+    for item in items:
+        if item <= 0:
+            raise ValueError(f"{name} must be positive, got {name}={value!r}")
+    return items
+
+
+def check_method(method, argument="method"):
+    """`method` if it is one of `METHODS`."""
+    if method not in METHODS:
+        raise ValueError(f"`{argument}` must be one of {METHODS}; received "
+                         f"{argument}={method!r}.")
+    return method
+
+
+def check_positive(value, argument, allow_zero=False):
+    """A finite number > 0 (>= 0 with allow_zero), as a Python float."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if ok:
+        value = float(value)
+        ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"`{argument}` must be a finite number {bound}; received "
+                         f"{argument}={value!r}.")
+    return value
+
+
+def core_tensor(value):
+    """`value` (array, tensor or Keras variable) as a tensor in a dtype the core
+    computes in, and its own dtype (to cast results back to)."""
+    if hasattr(value, "value") and not tf.is_tensor(value):
+        value = value.value
+    tensor = tf.convert_to_tensor(value)
+    dtype = tensor.dtype
+    return (tensor if dtype in CORE_DTYPES else tf.cast(tensor, tf.float32)), dtype
