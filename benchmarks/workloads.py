@@ -31,7 +31,9 @@ import tensorflow as tf
 
 import tfconvnorm
 from benchmarks import alternatives
+from tfconvnorm import checkpoints
 from tfconvnorm import geometry as geometry_lib
+from tfconvnorm import spectral
 from tfconvnorm import reference
 
 WORKLOADS = ("figure1", "largest_sv", "spectra", "clip", "breakdown", "padding")
@@ -83,24 +85,17 @@ PUBLISHED_NUMPY_DTYPE = np.float64
 # Layer sets.
 
 
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    """One convolution, in the spectral core's layout, with its geometry."""
+def circular_layer(name, kernel, input_shape, strides=(1, 1), dilation_rate=(1, 1), groups=1):
+    """A `checkpoints.LayerRecord` with the published operator's geometry: the
+    circular convolution at `input_shape` (what the published methods compute)."""
+    geometry = geometry_lib.ConvGeometry(tuple(kernel.shape), tuple(input_shape), tuple(strides),
+                                         tuple(dilation_rate), int(groups),
+                                         geometry_lib.KIND_CONV, spectral.CIRCULAR)
+    return checkpoints.LayerRecord(name, kernel, geometry)
 
-    name: str
-    kernel: np.ndarray          # (*spatial, c_in // groups, c_out), float32
-    input_shape: tuple
-    strides: tuple = (1, 1)
-    dilation_rate: tuple = (1, 1)
-    groups: int = 1
 
-    def spectral_kwargs(self):
-        return dict(input_shape=self.input_shape, strides=self.strides,
-                    dilation_rate=self.dilation_rate, groups=self.groups)
-
-    @property
-    def unstrided(self):
-        return all(s == 1 for s in self.strides)
+def _unstrided(layer):
+    return all(s == 1 for s in layer.geometry.strides)
 
 
 def he_normal_kernel(shape, rng):
@@ -110,12 +105,12 @@ def he_normal_kernel(shape, rng):
 
 
 def conv_layer(k, n, c_in, c_out, rng, name=None, strides=1):
-    return Layer(name or f"{k}x{k}_{c_in}x{c_out}_at{n}",
+    return circular_layer(name or f"{k}x{k}_{c_in}x{c_out}_at{n}",
                  he_normal_kernel((k, k, c_in, c_out), rng), (n, n), (strides, strides))
 
 
 def _layers_of_model(model):
-    """The 2-D convs of a built Keras model as `Layer`s (current kernel values), with
+    """The 2-D convs of a built Keras model as `LayerRecord`s (current kernel values), with
     the published operator's geometry (circular at the layer's input size), which
     the published methods compute."""
     layers = []
@@ -124,8 +119,8 @@ def _layers_of_model(model):
         if geometry.kind == "dense" or len(geometry.kernel_shape) != 4:
             continue
         kernel = np.asarray(op.to_spectral(op.variable), dtype=np.float32)
-        layers.append(Layer(op.name, kernel, tuple(geometry.input_shape), tuple(geometry.strides),
-                            tuple(geometry.dilation_rate), int(geometry.groups)))
+        layers.append(circular_layer(op.name, kernel, geometry.input_shape, geometry.strides,
+                                     geometry.dilation_rate, geometry.groups))
     return layers
 
 
@@ -153,9 +148,8 @@ def resnet50v2_layers(seed=0, image_size=224):
     rng = np.random.default_rng(seed)
     layers = []
     for name, shape, geometry in imagenet_resnet_v2.resnet50v2_layer_set(image_size):
-        layers.append(Layer(name, he_normal_kernel(shape, rng), tuple(geometry.input_shape),
-                            tuple(geometry.strides), tuple(geometry.dilation_rate),
-                            int(geometry.groups)))
+        layers.append(circular_layer(name, he_normal_kernel(shape, rng), geometry.input_shape,
+                                     geometry.strides, geometry.dilation_rate, geometry.groups))
     return layers
 
 
@@ -174,7 +168,7 @@ class Config:
     full: bool = False          # run everything: no skips, no extrapolation
     seed: int = 0
     log: Callable[[str], None] = print
-    # Overridable for tests: name -> () -> list[Layer] / keras model.
+    # Overridable for tests: name -> () -> list[LayerRecord] / keras model.
     layer_sets: dict = dataclasses.field(default_factory=lambda: {
         "ResNet-32": resnet32_layers, "ResNet50V2@224": resnet50v2_layers})
     train_model: Optional[Callable[[], Any]] = None  # default: resnet32_model
@@ -357,7 +351,7 @@ def _compiled_all_layers(layer_fn, layers):
 def _compiled_many(many_fn, layers):
     """One tf.function calling a `*_many` function on the whole layer set."""
     kernels = [tf.constant(layer.kernel) for layer in layers]
-    geometries = [layer.spectral_kwargs() for layer in layers]
+    geometries = [layer.geometry.spectral_kwargs() for layer in layers]
 
     @tf.function
     def run(kernels):
@@ -372,11 +366,11 @@ def _eager_per_layer(layer_fn, layers):
 
 
 def _spectrum(kernel, layer):
-    return tfconvnorm.conv_singular_values(kernel, **layer.spectral_kwargs())
+    return tfconvnorm.conv_singular_values(kernel, **layer.geometry.spectral_kwargs())
 
 
 def _norm(kernel, layer):
-    return tfconvnorm.conv_operator_norm(kernel, **layer.spectral_kwargs())
+    return tfconvnorm.conv_operator_norm(kernel, **layer.geometry.spectral_kwargs())
 
 
 # ---------------------------------------------------------------------------
@@ -472,10 +466,10 @@ def _exact_norms_float64(layers):
     published NumPy method in float64 on stride-1 layers as an independent check."""
     exact = np.array([float(_norm(tf.constant(l.kernel, tf.float64), l)) for l in layers])
     checks = [abs(float(np.max(reference.published_singular_values(
-        l.kernel.astype(np.float64), l.input_shape))) - e) / e
+        l.kernel.astype(np.float64), l.geometry.input_shape))) - e) / e
               for l, e in zip(layers, exact)
-              if l.unstrided and l.dilation_rate == (1, 1) and l.groups == 1
-              and all(k <= n for k, n in zip(l.kernel.shape, l.input_shape))
+              if _unstrided(l) and l.geometry.dilation_rate == (1, 1) and l.geometry.groups == 1
+              and all(k <= n for k, n in zip(l.kernel.shape, l.geometry.input_shape))
               and max(l.kernel.shape[-2:]) <= _ORACLE_CHECK_MAX_CHANNELS]
     return exact, (max(checks) if checks else None), len(checks)
 
@@ -484,17 +478,19 @@ def _largest_sv_case(name, layers, config, with_targets):
     exact, check, checked = _exact_norms_float64(layers)
     iters = alternatives.DEFAULT_POWER_ITERATIONS
     long_iters = 10 * iters
-    all_2d = all(l.groups == 1 for l in layers)
+    all_2d = all(l.geometry.groups == 1 for l in layers)
 
     def power(iterations):
         return lambda kernel, layer: alternatives.operator_power_iteration(
-            kernel, layer.input_shape, layer.strides, layer.dilation_rate, iterations=iterations)
+            kernel, layer.geometry.input_shape, layer.geometry.strides, layer.geometry.dilation_rate, iterations=iterations)
 
     def reshaped(kernel, layer):
         return alternatives.reshaped_kernel_power_iteration(kernel, iterations=iters)
 
     def gram(kernel, layer):
-        return alternatives.gram_iteration_norm(kernel, **layer.spectral_kwargs())
+        g = layer.geometry  # the circular operator, as Delattre et al. bound it
+        return alternatives.gram_iteration_norm(kernel, g.input_shape, g.strides,
+                                                g.dilation_rate, g.groups)
 
     skip_power = None if all_2d else "grouped convs: conv2d power iteration needs groups=1"
     methods = [
@@ -591,7 +587,7 @@ _CHECK_SAMPLE_FRACTION = 0.25
 
 def _published_key(layer):
     # The published methods ignore strides: their cost depends on shape and size only.
-    return (layer.kernel.shape, layer.input_shape)
+    return (layer.kernel.shape, layer.geometry.input_shape)
 
 
 def _sampled_estimate(layers, transforms_fn, svd_fn, max_fraction=1.0):
@@ -647,19 +643,19 @@ def _spectra_case(set_name, layers, config, threshold, extrapolate, check_extrap
     kernels = [tf.constant(layer.kernel) for layer in layers]
 
     def published_numpy_all():
-        return [reference.published_singular_values(k, l.input_shape)
+        return [reference.published_singular_values(k, l.geometry.input_shape)
                 for k, l in zip(kernels_np, layers)]
 
     def published_tf_all():
-        return [alternatives.published_tf_singular_values(k, l.input_shape)
+        return [alternatives.published_tf_singular_values(k, l.geometry.input_shape)
                 for k, l in zip(kernels, layers)]
 
     # The two halves of the published code, for the sampled timing.
     numpy_estimate = _sampled_estimate(
-        layers, lambda i: np.fft.fft2(kernels_np[i], layers[i].input_shape, axes=[0, 1]),
+        layers, lambda i: np.fft.fft2(kernels_np[i], layers[i].geometry.input_shape, axes=[0, 1]),
         lambda batch: np.linalg.svd(batch, compute_uv=False))
     tf_estimate = _sampled_estimate(
-        layers, lambda i: alternatives.published_tf_transforms(kernels[i], layers[i].input_shape),
+        layers, lambda i: alternatives.published_tf_transforms(kernels[i], layers[i].geometry.input_shape),
         lambda batch: tf.linalg.svd(batch, compute_uv=False))
 
     methods = [
@@ -683,7 +679,7 @@ def _spectra_case(set_name, layers, config, threshold, extrapolate, check_extrap
                 "published NumPy (sampled, as for large sets)",
                 estimate=_sampled_estimate(
                     layers,
-                    lambda i: np.fft.fft2(kernels_np[i], layers[i].input_shape, axes=[0, 1]),
+                    lambda i: np.fft.fft2(kernels_np[i], layers[i].geometry.input_shape, axes=[0, 1]),
                     lambda batch: np.linalg.svd(batch, compute_uv=False),
                     max_fraction=_CHECK_SAMPLE_FRACTION),
                 note=f"checks the extrapolation against the full run above (SVD timed on at "
@@ -698,7 +694,7 @@ def _spectra_case(set_name, layers, config, threshold, extrapolate, check_extrap
             if values is None:   # extrapolated timings have no spectra
                 continue
             errors = [spectrum_error(v, ref[i]) for i, v in enumerate(values)
-                      if layers[i].unstrided]
+                      if _unstrided(layers[i])]
             result[method] = {"err_vs_ref": max(errors) if errors else None,
                               "layers_compared": len(errors)}
         return result
@@ -843,7 +839,7 @@ def _precomputed_grams(layers, complex_dtype):
     pools = collections.OrderedDict()
     for layer in layers:
         matrices, _ = tfconvnorm.conv_transfer_matrices(tf.constant(layer.kernel, real_dtype),
-                                                        **layer.spectral_kwargs())
+                                                        **layer.geometry.spectral_kwargs())
         rows, cols = matrices.shape[-2:]
         if min(rows, cols) == 1:
             continue
@@ -868,13 +864,13 @@ def breakdown(config):
     for name, layers in cases:
         def matrices(kernel, layer):
             # complex64 for float32 kernels, as conv_singular_values builds them
-            return tfconvnorm.conv_transfer_matrices(kernel, **layer.spectral_kwargs())[0]
+            return tfconvnorm.conv_transfer_matrices(kernel, **layer.geometry.spectral_kwargs())[0]
 
         def published_fft(kernel, layer):
-            return alternatives.published_tf_transforms(kernel, layer.input_shape)
+            return alternatives.published_tf_transforms(kernel, layer.geometry.input_shape)
 
         def published_svd(kernel, layer):
-            return alternatives.published_tf_singular_values(kernel, layer.input_shape)
+            return alternatives.published_tf_singular_values(kernel, layer.geometry.input_shape)
 
         methods = [
             Method(REF_NAME, _compiled_many(tfconvnorm.conv_singular_values_many, layers),
