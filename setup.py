@@ -24,7 +24,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "cpu": ["tensorflow-cpu>=2.16"],
     "gpu": ["tensorflow[and-cuda]>=2.16"],
-    "data": ["tensorflow-datasets>=4.9", "importlib_resources"],
+    "data": ["tensorflow-datasets>=4.9", "importlib_resources", "scikit-learn>=1.0"],
     "demo": ["matplotlib>=3.5", "scikit-learn>=1.0", "tensorflow-datasets>=4.9",
              "importlib_resources"],
     "test": ["pytest>=7", "pytest-xdist>=3", "matplotlib>=3.5", "scikit-learn>=1.0",
