@@ -42,3 +42,28 @@ def test_setup_declares_tensorboard_and_both_tensorflow_flavours():
     text = (ROOT / "setup.py").read_text()
     assert '"tensorboard' in text
     assert '"tensorflow-cpu' in text and '"tensorflow[and-cuda]' in text
+
+
+def test_checkout_models_are_the_installed_modules():
+    """models/ in a checkout aliases tfconvnorm.models: one copy of the code, and
+    patching one patches the other."""
+    import models  # pylint: disable=import-outside-toplevel
+    import models.cifar_input  # pylint: disable=import-outside-toplevel
+    from models import resnet_v2  # pylint: disable=import-outside-toplevel
+    from tfconvnorm import models as installed  # pylint: disable=import-outside-toplevel
+    assert models.cifar_input is installed.cifar_input
+    assert resnet_v2 is installed.resnet_v2
+    assert models.cifar_resnet_v2 is installed.cifar_resnet_v2
+
+
+def test_importing_the_tools_defines_no_flags():
+    code = ("from absl import flags\n"
+            "import tfconvnorm.cli.analyze, tfconvnorm.cli.train, tfconvnorm.analysis, "
+            "tfconvnorm.training\n"
+            "assert 'checkpoint' not in flags.FLAGS and 'model_dir' not in flags.FLAGS\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for binary in ("train.py", "analyze.py"):
+        assert len((ROOT / binary).read_text().splitlines()) < 120

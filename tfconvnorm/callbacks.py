@@ -144,7 +144,40 @@ def recalibrate_batch_norm(model, dataset, num_batches):
     return count
 
 
-class OperatorNormClipper(keras.callbacks.Callback):
+class _OperatorCallback(keras.callbacks.Callback):
+    """What both callbacks share: the model's operators and their compiled
+    functions, built once per model, and the every-N-steps trigger."""
+
+    def __init__(self, every_n_steps, layers, kinds, geometry_kwargs):
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self.layers = layers
+        self.kinds = kinds
+        self.geometry_kwargs = geometry_kwargs
+        self._cache = None  # (model, operators, *compiled functions)
+        self._last_step = 0
+
+    def _for_model(self, build):
+        """(model, operators, *build(operators)), rebuilt when the model changes."""
+        if self._cache is None or self._cache[0] is not self.model:
+            operators = geometry_lib.model_geometry(
+                self.model, layers=self.layers, kinds=self.kinds, **self.geometry_kwargs)
+            self._cache = (self.model, operators) + tuple(build(operators))
+        return self._cache
+
+    def _start_counting(self):
+        self._last_step = optimizer_step(self.model)
+
+    def _crossed_a_multiple(self):
+        """(step, whether the last batch passed a multiple of every_n_steps)."""
+        step = optimizer_step(self.model)
+        crossed = (self.every_n_steps is not None
+                   and step // self.every_n_steps > self._last_step // self.every_n_steps)
+        self._last_step = step
+        return step, crossed
+
+
+class OperatorNormClipper(_OperatorCallback):
     """Projects kernels onto an operator-norm ball every N training steps.
 
     This is how the published experiments (Sedghi et al., ICLR 2019) kept the
@@ -184,31 +217,24 @@ class OperatorNormClipper(keras.callbacks.Callback):
     def __init__(self, max_norm, every_n_steps=DEFAULT_EVERY_N_STEPS,
                  method=DEFAULT_CLIPPER_METHOD, layers=None, kinds=None, iterations=None,
                  log_norms=True, **geometry_kwargs):
-        super().__init__()
+        super().__init__(_check_every(every_n_steps, "every_n_steps"), layers, kinds,
+                         geometry_kwargs)
         self.max_norm = spectral.check_positive(max_norm, "max_norm")
-        self.every_n_steps = _check_every(every_n_steps, "every_n_steps")
         spectral.check_method(method)
         self.method = method
-        self.layers = layers
-        self.kinds = kinds
         self.iterations = iterations
         self.log_norms = log_norms
-        self.geometry_kwargs = geometry_kwargs
-        self._cache = None  # (model, operators, projection fn): traced once per model
-        self._last_step = 0
         #: The latest projection: {"step", "names", "before", "after"}.
         self.last_projection = None
 
     def _projection(self):
-        if self._cache is None or self._cache[0] is not self.model:
-            operators = geometry_lib.model_geometry(
-                self.model, layers=self.layers, kinds=self.kinds, **self.geometry_kwargs)
+        def build(operators):
             fn = make_projection_fn(operators, self.max_norm, self.method, self.iterations,
                                     compute_norms=self.log_norms)
             # Trace now (seconds for a deep network), not in the middle of training.
             fn.get_concrete_function()
-            self._cache = (self.model, operators, fn)
-        return self._cache
+            return (fn,)
+        return self._for_model(build)
 
     @property
     def operators(self):
@@ -217,13 +243,12 @@ class OperatorNormClipper(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._projection()  # fail early on bad geometry, not after N steps
-        self._last_step = optimizer_step(self.model)
+        self._start_counting()
 
     def on_train_batch_end(self, batch, logs=None):
-        step = optimizer_step(self.model)
-        if step // self.every_n_steps > self._last_step // self.every_n_steps:
+        step, crossed = self._crossed_a_multiple()
+        if crossed:
             self.project_now(step)
-        self._last_step = step
 
     def project_now(self, step=None):
         """Projects every kernel now; returns `{name: (norm_before, norm_after)}`.
@@ -294,7 +319,7 @@ def make_bounds_fn(operators, iterations=spectral.DEFAULT_POWER_ITERATIONS):
     return bounds
 
 
-class SpectrumLogger(keras.callbacks.Callback):
+class SpectrumLogger(_OperatorCallback):
     """Writes every layer's singular values to TensorBoard.
 
     Per kernel (tag suffix: the variable path, e.g. "conv2d/kernel"):
@@ -342,39 +367,31 @@ class SpectrumLogger(keras.callbacks.Callback):
                  log_image=True, log_bounds=True,
                  bound_iterations=spectral.DEFAULT_POWER_ITERATIONS, log_lipschitz=True,
                  **geometry_kwargs):
-        super().__init__()
+        super().__init__(_check_every(every_n_steps, "every_n_steps", allow_none=True), layers,
+                         kinds, geometry_kwargs)
         if not isinstance(log_dir, (str, os.PathLike)) or not str(log_dir):
             raise ValueError(f"`log_dir` must be a path; received log_dir={log_dir!r}.")
         self.log_dir = os.fspath(log_dir)
         self.every_n_epochs = _check_every(every_n_epochs, "every_n_epochs", allow_none=True)
-        self.every_n_steps = _check_every(every_n_steps, "every_n_steps", allow_none=True)
-        self.layers = layers
-        self.kinds = kinds
         self.log_image = log_image
         self.log_bounds = log_bounds
         self.bound_iterations = bound_iterations
         self.log_lipschitz = log_lipschitz
-        self.geometry_kwargs = geometry_kwargs
         #: The latest `tfconvnorm.LipschitzBound` (None: not logged or unsupported).
         self.last_lipschitz = None
-        self._cache = None  # (model, operators, spectra fn, bounds fn or None)
         self._writer = None
-        self._last_step = 0
         #: The latest certified norm intervals, `{name: (lower, upper)}`.
         self.last_bounds = None
 
     def _spectra(self):
-        if self._cache is None or self._cache[0] is not self.model:
-            operators = geometry_lib.model_geometry(
-                self.model, layers=self.layers, kinds=self.kinds, **self.geometry_kwargs)
+        def build(operators):
             if not operators:
                 raise ValueError(f"Model '{self.model.name}' has no operator layers to log.")
             fn = make_spectra_fn(operators)
             fn.get_concrete_function()
-            bounds = (make_bounds_fn(operators, self.bound_iterations) if self.log_bounds
-                      else None)
-            self._cache = (self.model, operators, fn, bounds)
-        return self._cache
+            return fn, (make_bounds_fn(operators, self.bound_iterations) if self.log_bounds
+                        else None)
+        return self._for_model(build)
 
     def _get_writer(self):
         if self._writer is None:
@@ -384,14 +401,12 @@ class SpectrumLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._spectra()
-        self._last_step = optimizer_step(self.model)
+        self._start_counting()
 
     def on_train_batch_end(self, batch, logs=None):
-        step = optimizer_step(self.model)
-        if (self.every_n_steps is not None
-                and step // self.every_n_steps > self._last_step // self.every_n_steps):
+        step, crossed = self._crossed_a_multiple()
+        if crossed:
             self.log_now(step)
-        self._last_step = step
 
     def on_epoch_end(self, epoch, logs=None):
         if self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0:
