@@ -120,11 +120,18 @@ def test_tf2_extra_checkpoint_variable(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["weights", "legacy"])
-def test_keras_weights_files(files, model, kind):
+def test_keras_weights_files(files, model, kind, monkeypatch):
     assert checkpoints.detect_format(files[kind]) == "keras_weights"
     fresh = tiny_model()
     before = fresh.get_layer("c1").kernel.numpy()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a reader wrote into the caller's model")
+
+    # Not a single write, not even one undone afterwards.
+    monkeypatch.setattr(type(fresh.get_layer("c1").kernel), "assign", refuse)
     check_tiny_records(checkpoints.read_keras_weights_file(files[kind], fresh), model)
+    monkeypatch.undo()
     np.testing.assert_array_equal(fresh.get_layer("c1").kernel.numpy(), before)
 
 
