@@ -170,8 +170,13 @@ def test_constraint_bounds_the_real_layer_in_its_layout(layout, shape, input_sha
     if layout == "depthwise":
         conv = kernel.reshape(shape[:-2] + (1, shape[-2] * shape[-1]))
     expected = tfconvnorm.clip_conv_singular_values(conv, max_norm=0.5, padding=padding,
-                                                    **core_kwargs)
+                                                    method="rescale", **core_kwargs)
     np.testing.assert_allclose(np.reshape(got, conv.shape), expected, rtol=1e-6, atol=1e-7)
+    # The default rescales: the same kernel up to one factor, landing on the bound
+    # (a norm 1% low would leave it 1% above).
+    factor = np.asarray(got).reshape(-1) / kernel.reshape(-1)
+    np.testing.assert_allclose(factor, factor[0], rtol=1e-5)
+    assert float(constraint.operator_norm(got)) == pytest.approx(0.5, rel=1e-5)
     # operator_norm is the bound it enforces: at least the layer's norm.
     assert true <= float(constraint.operator_norm(got)) * (1 + 1e-5)
 
@@ -251,7 +256,7 @@ def test_constrain_mixed_model_attaches_right_geometry_and_norms_hold_after_fit(
     for name, args in expected.items():
         config = attached[name].get_config()
         assert {k: config.get(k) for k in args} == args, name
-        assert config["max_norm"] == 0.5 and config["method"] == "alternating"
+        assert config["max_norm"] == 0.5 and config["method"] == "rescale"
     operators = geometry.model_geometry(model)
     for op in operators:
         assert op.variable.constraint is attached[op.name]

@@ -259,7 +259,7 @@ def test_circular_and_dense_bounds_are_the_exact_norm():
 # --- clipping the real layer -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["alternating", "exact"])
+@pytest.mark.parametrize("method", ["alternating", "exact", "rescale"])
 @pytest.mark.parametrize("shape,n,strides,dilation,groups,padding",
                          PADDED[1:4] + PADDED[6:14] + PADDED[15:17] + PADDED[19:20],
                          ids=_ids(PADDED[1:4] + PADDED[6:14] + PADDED[15:17] + PADDED[19:20]))
@@ -274,6 +274,13 @@ def test_clip_guarantees_the_real_layers_norm(shape, n, strides, dilation, group
     assert after <= bound * (1 + 1e-4)
     # It is a projection, not a collapse: the result keeps most of what fits.
     assert np.linalg.norm(clipped) > 0.2 * np.linalg.norm(kernel)
+    if method == "rescale":  # one factor, landing on the bound of the embedding
+        upper = float(tfconvnorm.conv_operator_norm(kernel, n, strides, dilation, groups,
+                                                    padding))
+        np.testing.assert_allclose(clipped, kernel * bound / upper, rtol=1e-9)
+        again = tfconvnorm.clip_conv_singular_values(clipped, n, bound, strides, dilation,
+                                                     groups, method=method, padding=padding)
+        np.testing.assert_array_equal(again.numpy(), clipped)  # idempotent
     # Inside the ball of the bounding operator: returned unchanged.
     upper = float(tfconvnorm.conv_operator_norm(kernel, n, strides, dilation, groups, padding))
     same = tfconvnorm.clip_conv_singular_values(kernel, n, 1.01 * upper, strides, dilation,

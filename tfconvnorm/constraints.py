@@ -36,6 +36,11 @@ LAYOUT_DEPTHWISE = "depthwise"
 LAYOUT_CONV_TRANSPOSE = "conv_transpose"
 LAYOUTS = (LAYOUT_CONV, LAYOUT_DEPTHWISE, LAYOUT_CONV_TRANSPOSE)
 
+#: What a constraint does after every optimizer step by default: rescale the
+#: kernel onto the ball (like keras.constraints.MaxNorm, with the certified
+#: operator norm): one norm per step, not a projection.
+DEFAULT_CONSTRAINT_METHOD = "rescale"
+
 _LAYOUT_OF_KIND = {
     geometry_lib.KIND_CONV: LAYOUT_CONV,
     geometry_lib.KIND_DENSE: LAYOUT_CONV,
@@ -208,7 +213,7 @@ class OperatorNormConstraint(keras.constraints.Constraint):
     """
 
     def __init__(self, max_norm, input_shape, strides=1, dilation_rate=1, groups=1,
-                 method=spectral.DEFAULT_METHOD, iterations=None, layout=LAYOUT_CONV,
+                 method=DEFAULT_CONSTRAINT_METHOD, iterations=None, layout=LAYOUT_CONV,
                  padding=spectral.CIRCULAR, output_padding=None):
         self.max_norm = check_positive(max_norm, "max_norm")
         spectral.check_method(method)
@@ -315,7 +320,7 @@ def _geometry_args(operator):
     return args
 
 
-def constraint_for(operator, max_norm, method=spectral.DEFAULT_METHOD, iterations=None):
+def constraint_for(operator, max_norm, method=DEFAULT_CONSTRAINT_METHOD, iterations=None):
     """An `OperatorNormConstraint` with the geometry of a `LayerOperator`."""
     return OperatorNormConstraint(max_norm, method=method, iterations=iterations,
                                   **_geometry_args(operator))
@@ -327,7 +332,7 @@ def regularizer_for(operator, weight, threshold=0.0):
                                    **_geometry_args(operator))
 
 
-def constrain(model, max_norm, method=spectral.DEFAULT_METHOD, layers=None, kinds=None,
+def constrain(model, max_norm, method=DEFAULT_CONSTRAINT_METHOD, layers=None, kinds=None,
               iterations=None, apply_now=False, **geometry_kwargs):
     """Attaches `OperatorNormConstraint`s to the operator layers of a built model.
 

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 #: Projection methods accepted by `clip_conv_singular_values`.
-METHODS = ("alternating", "paper", "exact")
+METHODS = ("alternating", "paper", "exact", "rescale")
 #: Dtypes the core computes in; others (float16, bfloat16, ints) go via float32.
 CORE_DTYPES = (tf.float32, tf.float64)
 

@@ -158,8 +158,8 @@ def _top_eigenvalues(real, imag, indices):
 def largest_singular_values(real, imag, segment, count):
     """The largest singular value of each of `count` operators, exactly.
 
-    `real` and `imag` (the parts of the matrices) have shape (batch, rows,
-    cols); matrix j belongs to operator `segment[j]`. Entries must be of
+    `real` and `imag` (the parts of the matrices; imag None: real matrices)
+    have shape (batch, rows, cols); matrix j belongs to operator `segment[j]`. Entries must be of
     moderate size (the callers scale kernels to max |entry| 1): Gram
     matrices are formed in the working precision.
 
@@ -176,6 +176,16 @@ def largest_singular_values(real, imag, segment, count):
     """
     rows, cols = real.shape[-2:]
     dtype = real.dtype
+    if imag is None:
+        # Real matrices (one frequency: Dense layers, 1x1 convs): there are as
+        # many as operators times groups, so each is decomposed exactly, with a
+        # real float64 Gram matrix and eigvalsh, at a quarter of the complex cost.
+        if min(rows, cols) == 1:
+            top = tf.square(_frobenius(tf.cast(real, tf.float64)))
+        else:
+            top = tf.linalg.eigvalsh(_gram(tf.cast(real, tf.float64)))[:, -1]
+        top = tf.math.unsorted_segment_max(top, segment, count)
+        return tf.cast(tf.sqrt(tf.maximum(top, 0.0)), dtype)
     if min(rows, cols) == 1:
         return tf.math.unsorted_segment_max(_frobenius_parts(real, imag), segment, count)
     gram_real, gram_imag = gram_parts(real, imag)

@@ -51,11 +51,12 @@ def _flat(matrices):
 
 
 def _largest_singular_values_pooled(entries):
-    """`largest_singular_values` of [((real, imag), count)], parts of shape
+    """`largest_singular_values` of [((real, imag or None), count)], parts of shape
     (freqs, count * groups, rows, cols): one (count,) tensor per entry
     (column block b of an entry is operator b)."""
     results = [None] * len(entries)
-    for pool in _pools([_size_key(parts[0]) for parts, _ in entries]).values():
+    keys = [_size_key(parts[0]) + (parts[1] is None,) for parts, _ in entries]
+    for pool in _pools(keys).values():
         segments, offset = [], 0
         for index in pool:
             (real, _), count = entries[index]
@@ -65,6 +66,7 @@ def _largest_singular_values_pooled(entries):
             offset += count
         values = largest_singular_values(
             _concat([_flat(entries[index][0][0]) for index in pool]),
+            None if entries[pool[0]][0][1] is None else
             _concat([_flat(entries[index][0][1]) for index in pool]),
             tf.constant(np.concatenate(segments), tf.int32), offset)
         for index, value in zip(pool, _split(values, [entries[i][1] for i in pool])):
@@ -232,8 +234,10 @@ def norms_of_stacks(stacks, stacked_kernels):
         k = tf.cast(k, stack.real_dtype)
         scale = tf.reduce_max(tf.abs(tf.reshape(k, (-1, stack.count, stack.c_out))), axis=[0, 2])
         scale = tf.stop_gradient(safe_scale(scale))
-        parts = forward_parts(k / stack.per_channel(scale), stack.geometry, stack.real_dtype)
-        entries.append((parts, stack.count))
+        real, imag = forward_parts(k / stack.per_channel(scale), stack.geometry,
+                                   stack.real_dtype)
+        # Frequency-independent matrices (Dense, 1x1 convs) are real: real arithmetic.
+        entries.append(((real, None if stack.geometry.real else imag), stack.count))
         scales.append(scale)
     return [norms * scale for norms, scale in
             zip(_largest_singular_values_pooled(entries), scales)]

@@ -67,6 +67,11 @@ def clip_conv_singular_values(kernel, input_shape, max_norm, strides=1, dilation
         `conv_singular_values`.
       max_norm: the bound, a positive finite number (or scalar tensor).
       method:
+        * "rescale": divide the kernel by `norm / max_norm` where the norm is
+          above the bound (`keras.constraints.MaxNorm` for the operator norm):
+          one norm, no projection; guarantees the bound like "alternating" but
+          shrinks every frequency, not only those above it. The default of
+          `OperatorNormConstraint`, which runs after every optimizer step.
         * "alternating" (default): `iterations` rounds (default 4) of clip
           then cut back (alternating projections between the norm ball and
           the support), then one rescale by `max_norm / norm` if the norm is
@@ -185,6 +190,13 @@ def clip_conv_singular_values_many(kernels, geometries, max_norm, method=DEFAULT
 
     if method == "paper":
         results = [finish(*args) for args in zip(stacks, clip_once(works), scales)]
+    elif method == "rescale":
+        results = []
+        for stack, k, n, b, scale in zip(stacks, works, _rescale_norms(stacks, works, bounds),
+                                         bounds, scales):
+            inside = n <= b * (1 + _INSIDE_RTOL[stack.real_dtype])
+            shrunk = finish(stack, k * stack.per_channel(b / tf.where(inside, b, n)), scale)
+            results.append(tf.where(stack.per_channel(inside), stack.stacked, shrunk))
     else:
         inside = [n <= b * (1 + _INSIDE_RTOL[stack.real_dtype]) for stack, n, b in
                   zip(stacks, norms_of_stacks(stacks, works), bounds)]
@@ -210,6 +222,26 @@ def clip_conv_singular_values_many(kernels, geometries, max_norm, method=DEFAULT
         all_inside = tf.reduce_all(tf.concat(inside, axis=0))
         results = tf.cond(all_inside, lambda: [tf.identity(s.stacked) for s in stacks], project)
     return scatter(count, stacks, [stack.unstack(r) for stack, r in zip(stacks, results)])
+
+
+def _tap_bounds(stack, kernel):
+    """Per kernel, sum over taps of the Frobenius norm of the tap: an upper bound
+    on the norm of every operator with these taps (a sum over taps of a shift or
+    subsampling, norm <= 1, times the tap's matrix), circular or embedded."""
+    taps = tf.reshape(kernel, (stack.geometry.taps, -1, stack.count, stack.c_out))
+    return tf.reduce_sum(tf.sqrt(tf.reduce_sum(tf.square(taps), axis=[1, 3])), axis=0)
+
+
+def _rescale_norms(stacks, kernels, bounds):
+    """Per stack, the norms the rescale divides by: the exact norm, or (where the
+    tap bound already shows every kernel of the stack inside) that bound,
+    which skips the transform and the decomposition."""
+    norms = []
+    for stack, k, b in zip(stacks, kernels, bounds):
+        cheap = _tap_bounds(stack, k)
+        norms.append(tf.cond(tf.reduce_all(cheap <= b), lambda cheap=cheap: cheap,
+                             lambda stack=stack, k=k: norms_of_stacks([stack], [k])[0]))
+    return norms
 
 
 @functools.lru_cache(maxsize=64)

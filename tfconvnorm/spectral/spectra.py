@@ -1,5 +1,8 @@
 """The public spectra: transfer matrices, all singular values, the operator norm."""
 
+import functools
+
+import numpy as np
 import tensorflow as tf
 
 from tfconvnorm.spectral import padding as padding_lib
@@ -7,6 +10,44 @@ from tfconvnorm.spectral.operator import Geometry, prepare_kernel, work_dtypes
 from tfconvnorm.spectral.pooling import (batch_arguments, norms_of_stacks, plan, scatter,
                                          singular_values_pooled)
 from tfconvnorm.spectral.transforms import forward, forward_parts
+
+
+def _frozen(value):
+    """A hashable copy of an argument (lists from configs become tuples)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled_single(many_name, kernel_shape, dtype_name, geometry):
+    """`conv_*_many` of one kernel as a tf.function, one per geometry: called
+    eagerly layer by layer, the op-by-op dispatch of the Python path cost
+    several times the computation itself."""
+    many = globals()[many_name]
+    kwargs = dict(geometry)
+
+    @tf.function(autograph=False)
+    def run(kernel):
+        return many([kernel], [kwargs])[0]
+
+    return run
+
+
+def _single(many, kernel, **geometry):
+    """`many([kernel], [geometry])[0]`, compiled once per geometry when eager."""
+    if not tf.executing_eagerly():
+        return many([kernel], [geometry])[0]
+    kernel = tf.convert_to_tensor(kernel)  # checked (finite, real) inside the function
+    key = tuple(sorted((k, _frozen(v)) for k, v in geometry.items()))
+    try:
+        hash(key)
+    except TypeError:  # an unusual argument type: let the plain path name it
+        return many([kernel], [geometry])[0]
+    run = _compiled_single(many.__name__, tuple(kernel.shape), kernel.dtype.name, key)
+    return run(kernel)
 
 
 def conv_transfer_matrices(kernel, input_shape, strides=1, dilation_rate=1, groups=1,
@@ -80,9 +121,8 @@ def conv_singular_values(kernel, input_shape, strides=1, dilation_rate=1, groups
         non-positive sizes.
       tf.errors.InvalidArgumentError: NaN or Inf in the kernel.
     """
-    return conv_singular_values_many(
-        [kernel], [dict(input_shape=input_shape, strides=strides, dilation_rate=dilation_rate,
-                        groups=groups, padding=padding)])[0]
+    return _single(conv_singular_values_many, kernel, input_shape=input_shape, strides=strides,
+                   dilation_rate=dilation_rate, groups=groups, padding=padding)
 
 
 def conv_singular_values_batch(kernels, input_shape, strides=1, dilation_rate=1, groups=1,
@@ -159,9 +199,8 @@ def conv_operator_norm(kernel, input_shape, strides=1, dilation_rate=1, groups=1
     in complex128 (so this runs on a GPU too). The result has the kernel's
     dtype.
     """
-    return conv_operator_norm_many(
-        [kernel], [dict(input_shape=input_shape, strides=strides, dilation_rate=dilation_rate,
-                        groups=groups, padding=padding)])[0]
+    return _single(conv_operator_norm_many, kernel, input_shape=input_shape, strides=strides,
+                   dilation_rate=dilation_rate, groups=groups, padding=padding)
 
 
 def conv_operator_norm_batch(kernels, input_shape, strides=1, dilation_rate=1, groups=1,
