@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 _SCRIPT = textwrap.dedent("""
     import json
     import os
@@ -82,3 +84,67 @@ def test_mirrored_strategy_constraint_and_clipper(tmp_path):
     assert kernels["constrained"]["norm"] <= 0.5 * (1 + 1e-4)
     assert kernels["depthwise"]["norm"] <= 0.5 * (1 + 1e-4)
     assert kernels["clipped"]["norm"] <= 0.3 * (1 + 1e-4)
+
+
+_WORKER = textwrap.dedent("""
+    import json, os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    index, ports, model_dir = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
+    os.environ["TF_CONFIG"] = json.dumps({
+        "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+        "task": {"type": "worker", "index": index}})
+    from tfconvnorm import training
+    config = training.TrainConfig(
+        dataset="digits", depth=8, epochs=1, batch_size=32, clip_to=0.5, clip_every=4,
+        strategy="multi_worker_mirrored", spectra_every_n_epochs=0, progress="none",
+        bn_recalibration_batches=2, max_steps=10)
+    results = training.train_and_evaluate(config, model_dir)
+    print("RESULTS " + json.dumps(results))
+""")
+
+
+def _free_port():
+    import socket  # pylint: disable=import-outside-toplevel
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_multi_worker_training_on_two_local_workers(tmp_path):
+    """Two worker processes on 127.0.0.1 train digits with clipping every 4 steps:
+    both finish, end with the same kernels (the same certified norm of every
+    layer, float for float), within the bound, and only the chief writes the
+    run's outputs. (BatchNormalization statistics are re-estimated by each
+    worker on its own, so the workers' Lipschitz bounds may differ.)"""
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    ports = f"{_free_port()},{_free_port()}"
+    model_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+        + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    workers = [subprocess.Popen([sys.executable, str(script), str(i), ports, str(model_dir)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env) for i in range(2)]
+    outputs = []
+    try:
+        for worker in workers:
+            out, err = worker.communicate(timeout=400)
+            assert worker.returncode == 0, err[-3000:]
+            outputs.append(json.loads(out.split("RESULTS ", 1)[1]))
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    chief, other = outputs
+    assert chief["steps"] == other["steps"] == 10
+    assert chief["operator_norms"] == other["operator_norms"]
+    assert all(len(r["operator_norms"]) == 11 for r in outputs)  # 10 convs and the logits
+    conv = [n for name, n in chief["operator_norms"].items()
+            if chief["operator_kinds"][name] != "dense"]
+    assert max(conv) <= 0.5 * (1 + 1e-4)
+    assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "logs",
+                                             "model.keras", "results.json"]
+    assert chief["model_path"] == str(model_dir / "model.keras")
+    assert not other["model_path"].startswith(str(model_dir))

@@ -167,6 +167,29 @@ def operator_norms(model):
             for op, b in zip(operators, bounds)}
 
 
+def _build_before_fit(model, dataset):
+    """Builds the compiled model's state from one (undistributed) batch, so that
+    `fit` need not.
+
+    Keras 3's `fit` under a strategy first reduces a distributed batch with
+    `strategy.reduce("MEAN", batch)` to build it symbolically; a batch is a
+    structure (images, labels), which MultiWorkerMirroredStrategy's collective
+    reduce cannot take (`ValueError: Attempt to convert a value (PerReplica...)`
+    on every worker). Built here instead, that step is skipped.
+    """
+    model._symbolic_build(data_batch=next(iter(dataset)))  # pylint: disable=protected-access
+    model.optimizer.build(model.trainable_variables)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None  # pylint: disable=protected-access
+    # Keras then averages each step's logs over the workers with
+    # strategy.reduce("MEAN", value, axis=0), which refuses scalars ("Invalid
+    # reduction dimension 0", tensorflow/tensorflow#72388): give it one-entry
+    # vectors, whose mean over axis 0 across replicas is the scalar wanted.
+    for name in ("train_step", "test_step"):
+        step = getattr(model, name)
+        setattr(model, name, lambda data, step=step: tf.nest.map_structure(
+            lambda value: tf.reshape(value, [1]), step(data)))
+
+
 def build_model(config):
     """The compiled-ready (uncompiled) model a config describes; analysis rebuilds it so."""
     return resnet_v2.cifar_resnet_v2(
@@ -229,6 +252,8 @@ def train_and_evaluate(config, model_dir):
                 optimizer=optimizer,
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+            if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+                _build_before_fit(model, train_data)
 
         callbacks = [_FailOnNaN()]
         final = None
