@@ -36,7 +36,7 @@ from tfconvnorm import geometry as geometry_lib
 from tfconvnorm import spectral
 from tfconvnorm import reference
 
-WORKLOADS = ("figure1", "largest_sv", "spectra", "clip", "breakdown", "padding")
+WORKLOADS = ("figure1", "largest_sv", "spectra", "clip", "breakdown", "padding", "per_step")
 DEFAULT_REPEATS = 5
 # Per method and case: beyond this many seconds, fewer repeats (at least one).
 DEFAULT_TIME_CAP_S = 10.0
@@ -46,6 +46,8 @@ DEFAULT_SKIP_ABOVE_S = 30.0
 # The bound used for the projection workload (He-init ResNet-32 convs have
 # operator norms of about 1.5-5, so every layer is clipped).
 CLIP_MAX_NORM = 1.0
+# The published protocol: a projection every this many steps.
+DEFAULT_CLIP_EVERY = 100
 TRAIN_BATCH_SIZE = 128
 # The padding workload: MobileNetV2's input size, and the power iterations
 # behind its "true" norms.
@@ -74,6 +76,7 @@ LARGEST_SV_LAYERS = (("3x3 conv, 64 channels, 16x16 input", 3, 16, 64),
                      ("3x3 conv, 256 channels, 16x16 input", 3, 16, 256))
 
 REF_NAME = "tfconvnorm"
+EAGER_NAME = "tfconvnorm (eager, per layer)"
 # The published NumPy method gets float64 kernels: NumPy < 2 (which it was
 # written for) always transformed to complex128, and NumPy 2 keeps float32 as
 # complex64, whose batched SVD is ~3.5x *slower* than complex128 here. Giving
@@ -498,6 +501,8 @@ def _largest_sv_case(name, layers, config, with_targets):
                compiled=True, note="exact: conv_operator_norm_many, one tf.function"),
         Method("tfconvnorm, layer by layer", _compiled_all_layers(_norm, layers), compiled=True,
                note="conv_operator_norm per layer, one tf.function over all layers"),
+        Method(EAGER_NAME, _eager_per_layer(_norm, layers),
+               note="conv_operator_norm called eagerly for each layer, as users call it"),
         Method(f"power iteration x{iters} (tf.function)",
                _compiled_all_layers(power(iters), layers), compiled=True, skip=skip_power,
                note="conv2d / conv2d_transpose, circular (Model Garden style)"),
@@ -529,15 +534,38 @@ def _largest_sv_case(name, layers, config, with_targets):
         out.append(dict(target="largest singular value exact to 1e-5 relative (float32)",
                         value=err, threshold=1e-5, met=None if err is None else err <= 1e-5,
                         note=""))
-        if with_targets and ref and ref["median_s"]:
-            power_rows = [rows[m.name] for m in methods[1:3] if rows[m.name]["median_s"]]
-            if power_rows:
-                fastest = min(power_rows, key=lambda r: r["median_s"])
+        if not (ref and ref["median_s"]):
+            return out
+        power_rows = [rows[m.name] for m in methods if m.name.startswith(f"power iteration x{iters} ")
+                      and rows[m.name]["median_s"]]
+        fastest = min(power_rows, key=lambda r: r["median_s"]) if power_rows else None
+        if with_targets:
+            if fastest:
                 out.append(dict(
                     target=f"no slower than {iters} power iterations on the operator",
                     value=fastest["median_s"] / ref["median_s"], threshold=1.0,
                     met=ref["median_s"] <= fastest["median_s"],
                     note=f"time ratio of the faster power iteration ({fastest['method']})"))
+            eager = rows[EAGER_NAME]["median_s"]
+            if eager:
+                out.append(dict(target="conv_operator_norm called eagerly per layer within "
+                                       "1.3x of the pooled call", value=eager / ref["median_s"],
+                                threshold=1.3, met=eager / ref["median_s"] <= 1.3,
+                                note="time ratio eager per layer / pooled"))
+        elif len(layers) == 1:
+            channels = layers[0].kernel.shape[-1]
+            long_row = rows[f"power iteration x{long_iters} (tf.function)"]
+            if channels >= 256 and long_row["median_s"]:
+                out.append(dict(target=f"exact norm at {channels} channels no slower than "
+                                       f"{long_iters} power iterations",
+                                value=long_row["median_s"] / ref["median_s"], threshold=1.0,
+                                met=ref["median_s"] <= long_row["median_s"],
+                                note="time ratio power iteration / exact"))
+            elif fastest:
+                ratio = ref["median_s"] / fastest["median_s"]
+                out.append(dict(target=f"exact norm at {channels} channels within 2x of "
+                                       f"{iters} power iterations", value=ratio, threshold=2.0,
+                                met=ratio <= 2.0, note="time ratio exact / power iteration"))
         return out
 
     notes = ["relative errors are (estimate - exact) / exact per layer; exact = tfconvnorm "
@@ -663,7 +691,7 @@ def _spectra_case(set_name, layers, config, threshold, extrapolate, check_extrap
                compiled=True, note="conv_singular_values_many, one tf.function"),
         Method("tfconvnorm, layer by layer", _compiled_all_layers(_spectrum, layers),
                compiled=True, note="conv_singular_values per layer, one tf.function"),
-        Method("tfconvnorm (eager, per layer)", _eager_per_layer(_spectrum, layers),
+        Method(EAGER_NAME, _eager_per_layer(_spectrum, layers),
                skip="large layer set: only with --full" if extrapolate else None),
     ]
     numpy_note = "np.fft.fft2 + np.linalg.svd (float64 kernels), per layer; strides ignored"
@@ -700,9 +728,15 @@ def _spectra_case(set_name, layers, config, threshold, extrapolate, check_extrap
         return result
 
     def targets(rows):
-        return [_speedup_target(f"full spectra of {set_name} >= {threshold}x faster than "
-                                f"the published NumPy method", rows, "published NumPy",
-                                threshold)]
+        out = [_speedup_target(f"full spectra of {set_name} >= {threshold}x faster than "
+                               f"the published NumPy method", rows, "published NumPy",
+                               threshold)]
+        eager, ref = rows[EAGER_NAME].get("median_s"), rows[REF_NAME].get("median_s")
+        if eager and ref:
+            out.append(dict(target="conv_singular_values called eagerly per layer within 1.3x "
+                                   "of the pooled call", value=eager / ref, threshold=1.3,
+                            met=eager / ref <= 1.3, note="time ratio eager per layer / pooled"))
+        return out
 
     notes = ["errors: max over stride-1 layers of max|sigma - sigma_tfconvnorm| / sigma_max "
              "(the published methods ignore strides, so strided layers are not comparable)"]
@@ -803,6 +837,12 @@ def clip(config):
     def targets(rows):
         out = []
         step = rows[step_name]["median_s"]
+        projection = rows[REF_NAME]["median_s"]
+        share = projection / (DEFAULT_CLIP_EVERY * step) if projection and step else None
+        out.append(dict(target=f"the paper's projection every {DEFAULT_CLIP_EVERY} steps <= 1% "
+                               "of training time", value=share, threshold=0.01,
+                        met=None if share is None else share <= 0.01,
+                        note=f"projection / ({DEFAULT_CLIP_EVERY} training steps)"))
         for name in (REF_NAME, default_name, alternating_name):
             projection = rows[name]["median_s"]
             share = projection / step if projection and step else None
@@ -1023,5 +1063,75 @@ def padding(config):
                             evaluate=evaluate, targets=targets, notes=notes), config)
 
 
+# ---------------------------------------------------------------------------
+# Workload 7 (issue 13): what users pay per step, and large Dense kernels.
+
+
+def _training_step(config, method):
+    """A compiled batch-128 training step of a fresh model, with `constrain(...,
+    method=method)` on its convs (None: unconstrained)."""
+    import keras  # pylint: disable=g-import-not-at-top
+    model = (config.train_model or (lambda: resnet32_model(config.seed)))()
+    if method is not None:
+        tfconvnorm.constrain(model, CLIP_MAX_NORM, method=method, kinds=geometry_lib.CONV_KINDS)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), jit_compile=False,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(config.seed)
+    images = rng.standard_normal((TRAIN_BATCH_SIZE,) + tuple(config.train_input_shape)) \
+        .astype(np.float32)
+    labels = rng.integers(0, model.output_shape[-1], TRAIN_BATCH_SIZE)
+    return lambda: model.train_on_batch(images, labels)
+
+
+def per_step(config):
+    plain = f"training step (batch {TRAIN_BATCH_SIZE})"
+    methods = [Method(plain, _training_step(config, None), compiled=True,
+                      note="model.train_on_batch, SGD with momentum, random data")]
+    for method in ("rescale", "alternating"):
+        methods.append(Method(f"step with constrain(method={method!r})",
+                              _training_step(config, method), compiled=True,
+                              note="OperatorNormConstraint on every conv, applied by Keras "
+                                   "after every optimizer step"))
+
+    def targets(rows):
+        base = rows[plain]["median_s"]
+        out = []
+        for name in (m.name for m in methods[1:]):
+            step = rows[name]["median_s"]
+            extra = (step - base) / base if step and base else None
+            out.append(dict(target=f"{name} adds <= 10% to a training step", value=extra,
+                            threshold=0.10, met=None if extra is None else extra <= 0.10,
+                            note="(constrained - plain) / plain"))
+        return out
+
+    yield run_case(Case("per_step", "constrain(model, 1.0): a training step's cost", methods,
+                        reference=plain, params=dict(batch_size=TRAIN_BATCH_SIZE),
+                        targets=targets,
+                        notes=["each row is a freshly built model; the constrained ones "
+                               "start at He init, so the first steps rescale every conv"]),
+                   config)
+    size = 512 if config.quick else 4096
+    rng = np.random.default_rng(config.seed)
+    dense = (rng.standard_normal((size, size)) / math.sqrt(size)).astype(np.float32)
+    exact = float(np.linalg.norm(dense.astype(np.float64), 2))
+    numpy_name = "np.linalg.norm(w, 2)"
+    case = Case("per_step", f"norm of one {size}x{size} Dense kernel", [
+        Method(REF_NAME, lambda: tfconvnorm.conv_operator_norm(dense, ()),
+               note="conv_operator_norm (a real float64 Gram matrix and eigvalsh)"),
+        Method(numpy_name, lambda: np.linalg.norm(dense, 2), note="float32 SVD (LAPACK)")],
+        params=dict(size=size), metrics=(("rel_err", "rel err vs float64 SVD"),),
+        evaluate=lambda outputs: {m: {"rel_err": abs(float(v) - exact) / exact}
+                                  for m, v in outputs.items()},
+        targets=lambda rows: [dict(
+            target=f"{size}x{size} Dense norm within 1.5x of np.linalg.norm(w, 2)",
+            value=rows[REF_NAME]["median_s"] / rows[numpy_name]["median_s"]
+            if rows[REF_NAME]["median_s"] and rows[numpy_name]["median_s"] else None,
+            threshold=1.5,
+            met=(rows[REF_NAME]["median_s"] <= 1.5 * rows[numpy_name]["median_s"])
+            if rows[REF_NAME]["median_s"] and rows[numpy_name]["median_s"] else None,
+            note="time ratio tfconvnorm / NumPy")])
+    yield run_case(case, config)
+
+
 WORKLOAD_FUNCTIONS = dict(figure1=figure1, largest_sv=largest_sv, spectra=spectra, clip=clip,
-                          breakdown=breakdown, padding=padding)
+                          breakdown=breakdown, padding=padding, per_step=per_step)
