@@ -66,3 +66,16 @@ def core_tensor(value):
     tensor = tf.convert_to_tensor(value)
     dtype = tensor.dtype
     return (tensor if dtype in CORE_DTYPES else tf.cast(tensor, tf.float32)), dtype
+
+
+def per_geometry_function(fn, autograph=False):
+    """`fn` as a tf.function of its own, one of many (one per layer geometry).
+
+    Each geometry traces once, by design; TensorFlow counts traces per Python
+    code object, not per function, and would warn about "excessive retracing"
+    on any network with more than five layer shapes. The warning is switched
+    off for these functions only (a private attribute; harmless if it goes).
+    """
+    compiled = tf.function(fn, autograph=autograph, jit_compile=False)
+    compiled._omit_frequent_tracing_warning = True  # pylint: disable=protected-access
+    return compiled

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfconvnorm.spectral import padding as padding_lib
-from tfconvnorm.spectral.arguments import core_tensor
+from tfconvnorm.spectral.arguments import core_tensor, per_geometry_function
 from tfconvnorm.spectral.operator import Geometry, prepare_kernel
 from tfconvnorm.spectral.pooling import check_list, norms_of_stacks, plan, scatter
 
@@ -133,7 +133,6 @@ def _lanczos_function(geometry_key, count, iterations):
     def apply_each(x, kernels):  # (count, size) -> [count outputs]
         return [apply_convolution(tf.reshape(x[k], shape), kernels[k], g) for k in range(count)]
 
-    @tf.function(autograph=False, jit_compile=False)
     def lower_bounds(kernels):
         # Scaled to max |entry| 1, so that squares neither overflow nor underflow.
         scale = tf.reduce_max(tf.abs(tf.reshape(kernels, (count, -1))), axis=1)
@@ -189,7 +188,7 @@ def _lanczos_function(geometry_key, count, iterations):
         return tf.where(lengths > 0, images / tf.where(lengths > 0, lengths, 1.0),
                         0.0) * (1 - CERTIFIED_RTOL)
 
-    return lower_bounds
+    return per_geometry_function(lower_bounds)
 
 
 @functools.lru_cache(maxsize=256)
@@ -210,7 +209,6 @@ def _explicit_function(geometry_key, count):
     # NumPy, not a tensor: this may be built inside another tf.function's graph.
     basis = np.tile(basis, (1,) * (g.rank + 1) + (g.groups,))
 
-    @tf.function(autograph=False, jit_compile=False)
     def exact_norms(kernels):
         norms = []
         for k in range(count):
@@ -224,7 +222,7 @@ def _explicit_function(geometry_key, count):
             norms.append(tf.sqrt(tf.maximum(top, 0.0)))
         return tf.stack(norms)
 
-    return exact_norms
+    return per_geometry_function(exact_norms)
 
 
 def _is_small(g):

@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfconvnorm.spectral import padding as padding_lib
-from tfconvnorm.spectral.arguments import check_method
+from tfconvnorm.spectral.arguments import check_method, per_geometry_function
 from tfconvnorm.spectral.linalg import clip_matrices, safe_scale
 from tfconvnorm.spectral.operator import Geometry, tiny, work_dtypes
 from tfconvnorm.spectral.pooling import (batch_arguments, clip_matrices_pooled, norms_of_stacks,
@@ -254,12 +254,11 @@ def _dykstra_function(kernel_shape, input_shape, strides, dilation_rate, groups,
     real_dtype = tf.as_dtype(dtype_name)
     _, complex_dtype = work_dtypes(real_dtype)
 
-    @tf.function
     def run(kernel, bound):
         return _dykstra(kernel, geometry, bound, complex_dtype, real_dtype, max_iterations,
                         tolerance)
 
-    return run
+    return per_geometry_function(run, autograph=True)
 
 
 def _dykstra(kernel, geometry, bound, complex_dtype, real_dtype, max_iterations, tolerance):

@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfconvnorm.spectral import padding as padding_lib
+from tfconvnorm.spectral.arguments import per_geometry_function
 from tfconvnorm.spectral.operator import Geometry, prepare_kernel, work_dtypes
 from tfconvnorm.spectral.pooling import (batch_arguments, norms_of_stacks, plan, scatter,
                                          singular_values_pooled)
@@ -29,11 +30,10 @@ def _compiled_single(many_name, kernel_shape, dtype_name, geometry):
     many = globals()[many_name]
     kwargs = dict(geometry)
 
-    @tf.function(autograph=False)
     def run(kernel):
         return many([kernel], [kwargs])[0]
 
-    return run
+    return per_geometry_function(run)
 
 
 def _single(many, kernel, **geometry):
