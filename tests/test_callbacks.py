@@ -154,6 +154,69 @@ def test_projection_fn_is_all_or_nothing_on_non_finite_kernels():
     assert np.all(np.isnan(bad.numpy()))
 
 
+def test_clipper_re_estimates_batch_norm_after_each_projection(rng):
+    """After a projection the BN statistics are those of the projected conv: each
+    moving mean/variance is the average over the given batches of the BN input's
+    batch mean/variance, computed here from the projected kernel by hand."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6, 6, 2)),
+                              keras.layers.Conv2D(3, 3, padding="same", use_bias=False,
+                                                  name="conv"),
+                              keras.layers.BatchNormalization(name="bn"),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    x, y = rng.standard_normal((12, 6, 6, 2)).astype(np.float32) * 3, np.zeros((12, 2))
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    bn = model.get_layer("bn")
+    clipper = OperatorNormClipper(0.05, every_n_steps=2, batch_norm_data=data,
+                                  batch_norm_batches=3)
+    model.fit(data, epochs=1, shuffle=False, verbose=0, callbacks=[clipper])
+    assert clipper.last_projection["step"] == 2
+    before = bn.moving_mean.numpy().copy()
+    clipper.project_now()
+    h = tf.nn.conv2d(x, model.get_layer("conv").kernel.numpy(), 1, "SAME").numpy()
+    h = h.reshape(3, 4 * 6 * 6, 3)  # per batch: every position is a sample
+    np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(1).mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), h.var(1).mean(0), rtol=1e-4)
+    assert not np.allclose(before, bn.moving_mean.numpy())  # the conv was projected again
+    assert bn.momentum == 0.99  # restored
+    # Without batch_norm_data a projection leaves the statistics alone.
+    plain = OperatorNormClipper(0.01)
+    plain.set_model(model)
+    stats = bn.moving_variance.numpy().copy()
+    plain.project_now()
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), stats)
+
+
+def test_precise_batch_norm_validates_with_statistics_of_the_current_weights(rng):
+    """Validation after an epoch sees BN statistics re-estimated on the training
+    batches with the weights as they are: checked from the final kernel by hand,
+    and by the logged val_loss equalling a later evaluate (nothing changed since)."""
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((6, 6, 2)),
+                              keras.layers.Conv2D(3, 3, padding="same", use_bias=False,
+                                                  name="conv"),
+                              keras.layers.BatchNormalization(name="bn"),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
+    model.compile(keras.optimizers.SGD(0.5), "mse")
+    x = rng.standard_normal((8, 6, 6, 2)).astype(np.float32) * 2 + 1
+    y = rng.standard_normal((8, 2)).astype(np.float32)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    history = model.fit(data, validation_data=data, epochs=1, shuffle=False, verbose=0,
+                        callbacks=[tfconvnorm.PreciseBatchNorm(data, num_batches=2)])
+    h = tf.nn.conv2d(x, model.get_layer("conv").kernel.numpy(), 1, "SAME").numpy()
+    h = h.reshape(2, 4 * 36, 3)
+    bn = model.get_layer("bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(1).mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), h.var(1).mean(0), rtol=1e-4)
+    assert history.history["val_loss"][0] == pytest.approx(model.evaluate(data, verbose=0),
+                                                           rel=1e-5)
+    with pytest.raises(TypeError, match="dataset must be a tf.data.Dataset .*got list"):
+        tfconvnorm.PreciseBatchNorm([x, y])
+    with pytest.raises(ValueError, match="num_batches must be an integer >= 1, got 0"):
+        tfconvnorm.PreciseBatchNorm(data, num_batches=0)
+
+
 def test_clipper_bad_arguments(rng):
     with pytest.raises(ValueError, match=r"max_norm=-1"):
         OperatorNormClipper(-1)
@@ -166,6 +229,12 @@ def test_clipper_bad_arguments(rng):
                      callbacks=[OperatorNormClipper(1.0, layers=["nope"])])
     with pytest.raises(ValueError, match="empty"):
         make_projection_fn([], 1.0)
+    with pytest.raises(TypeError, match="batch_norm_data must be a tf.data.Dataset .*ndarray"):
+        OperatorNormClipper(1.0, batch_norm_data=np.zeros((2, 2)))
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=f"batch_norm_batches must be an integer >= 1, "
+                                             f"got {bad!r}"):
+            OperatorNormClipper(1.0, batch_norm_batches=bad)
 
 
 def _read_events(directory):

@@ -122,6 +122,33 @@ def test_loads_a_tfds_copy_from_data_dir(tmp_path, tiny_cifar10_writer):
     assert len(batches) == 4 and batches[0][0].shape == (8, 32, 32, 3)
 
 
+def test_reduced_split_is_the_same_first_examples_every_time(digits, tmp_path,
+                                                            tiny_cifar10_writer):
+    dataset, n = cifar_input.load_split("digits", "train", num_examples=300)
+    images, labels = _arrays(dataset)
+    assert n == 300 and images.shape == (300, 32, 32, 1)
+    np.testing.assert_array_equal(images, digits["train"][0][:300])
+    np.testing.assert_array_equal(labels, digits["train"][1][:300])
+    assert set(labels) == set(range(10))  # every class is in the reduced set
+    train, num_train = cifar_input.build_dataset("digits", "train", 32, seed=0, num_examples=300)
+    assert num_train == 300 and int(train.cardinality()) == 9
+    # A TFDS copy: files read in order, so two loads give the same examples.
+    stored = tiny_cifar10_writer(tmp_path, num_train=32, num_test=8)["train"][0]
+    first, second = (_arrays(cifar_input.load_split(
+        "cifar10", "train", data_dir=str(tmp_path), download=False, num_examples=10)[0])[0]
+        for _ in range(2))
+    np.testing.assert_array_equal(first, second)
+    assert first.shape[0] == 10
+    assert {row.tobytes() for row in first} <= {row.tobytes() for row in stored}
+    for bad, message in [(0, "num_examples must be None or an integer >= 1, got 0"),
+                         (2.5, "got 2.5"), (True, "got True"),
+                         (2000, "num_examples=2000 exceeds the 1437 examples of 'digits'")]:
+        with pytest.raises(ValueError, match=message):
+            cifar_input.load_split("digits", "train", num_examples=bad)
+    with pytest.raises(ValueError, match="batch_size=64 exceeds the 40 examples"):
+        cifar_input.build_dataset("digits", "train", 64, num_examples=40)
+
+
 def test_missing_data_says_how_to_provide_it(tmp_path, monkeypatch):
     empty = str(tmp_path / "tfds")
     with pytest.raises(cifar_input.DataUnavailableError) as info:

@@ -144,7 +144,7 @@ def test_multi_worker_training_on_two_local_workers(tmp_path):
     conv = [n for name, n in chief["operator_norms"].items()
             if chief["operator_kinds"][name] != "dense"]
     assert max(conv) <= 0.5 * (1 + 1e-4)
-    assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "logs",
+    assert sorted(os.listdir(model_dir)) == ["checkpoints", "config.json", "history.json", "logs",
                                              "model.keras", "results.json"]
     assert chief["model_path"] == str(model_dir / "model.keras")
     assert not other["model_path"].startswith(str(model_dir))

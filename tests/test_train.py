@@ -114,6 +114,10 @@ def test_flags_build_the_config(tmp_path):
     (["--momentum=1.0"], "--momentum must be in \\[0, 1\\)"),
     (["--batch_size=0"], "--batch_size must be a positive integer, got 0"),
     (["--dataset=digits", "--batch_size=5000"], "--batch_size must be at most the 1437"),
+    (["--dataset=digits", "--train_examples=100"],
+     "--train_examples must be an integer from --batch_size=128 to the 1437 training images"),
+    (["--dataset=digits", "--train_examples=1438"], "--train_examples must be .*got 1438"),
+    (["--clip_bn_batches=-1"], "--clip_bn_batches must be an integer >= 0, got -1"),
 ])
 def test_bad_flags_are_usage_errors_before_any_work(tmp_path, argv, message):
     model_dir = tmp_path / "never_created"
@@ -186,6 +190,14 @@ def test_train_on_tfds_copy_with_clipping(tiny_cifar10, tmp_path):
     assert train.TrainConfig.from_json_dict(saved_config) == config
     assert not glob.glob(os.path.join(model_dir, "*tmp*"))  # no leftovers of atomic writes
     assert not os.path.exists(os.path.join(model_dir, train.BACKUP_DIR))  # finished: removed
+    # history.json: every epoch's Keras logs, step and cumulative training time.
+    history = json.load(open(os.path.join(model_dir, train.HISTORY_FILE)))["epochs"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert [h["step"] for h in history] == [TINY_TRAIN // 16, 2 * TINY_TRAIN // 16]
+    assert 0 < history[0]["train_time_s"] < history[1]["train_time_s"] <= results["wall_time_s"]
+    assert results["train_time_s"] == history[-1]["train_time_s"]
+    assert history[-1]["val_accuracy"] == pytest.approx(results["last_epoch_val_accuracy"])
+    assert history[-1]["loss"] == pytest.approx(results["train_loss"])
 
     # Checkpoints per epoch restore into a freshly built model, as analysis does.
     manager_dir = os.path.join(model_dir, train.CHECKPOINT_DIR)
@@ -249,15 +261,86 @@ def test_baseline_max_steps_mirrored_mixed_precision(tiny_cifar10, tmp_path):
     config = train.TrainConfig(dataset="cifar10", data_dir=tiny_cifar10, download=False, depth=8,
                                epochs=3, batch_size=8, max_steps=5, strategy="mirrored",
                                mixed_precision=True, spectra_every_n_epochs=0,
-                               bn_recalibration_batches=2, progress="none")
+                               bn_recalibration_batches=2, progress="none", train_examples=24)
     results = train.train_and_evaluate(config, str(tmp_path / "run"))
-    # 4 steps per epoch: stopped one step into the second epoch.
+    # 24 of the training images: 3 steps per epoch, stopped two steps into the second.
+    assert results["num_train_examples"] == 24
     assert results["steps"] == 5 and results["epochs_completed"] == 2
     assert results["clip_to"] is None and results["final_projection"] is None
     assert results["max_conv_norm_over_bound"] is None
     assert results["max_conv_operator_norm"] > 1  # He init, unclipped
     assert keras.mixed_precision.global_policy().name == "float32"  # restored
+    # Mixed precision took effect: float16 convs, a loss-scaling optimizer, and a
+    # saved model that computes in float16 with float32 weights and logits.
+    assert results["compute_dtype"] == "float16" and results["loss_scaling"] is True
+    assert results["replicas"] == 1  # mirrored over this machine's one CPU device
+    loaded = keras.models.load_model(results["model_path"])
+    conv = next(l for l in loaded.layers if isinstance(l, keras.layers.Conv2D))
+    assert conv.dtype_policy.name == "mixed_float16" and conv.kernel.dtype == "float32"
+    assert loaded.get_layer("logits").dtype_policy.compute_dtype == "float32"
+    assert loaded(np.zeros((1, 32, 32, 3), np.float32)).dtype == "float32"
     assert not os.path.exists(tmp_path / "run" / train.LOG_DIR / "spectra")
+
+
+def _tiny_digits(tmp_path, name, **overrides):
+    settings = dict(dataset="digits", depth=8, epochs=1, batch_size=32, train_examples=64,
+                    spectra_every_n_epochs=0, bn_recalibration_batches=1, clip_bn_batches=1,
+                    validation_bn_batches=1, progress="none")
+    settings.update(overrides)
+    return train.train_and_evaluate(train.TrainConfig(**settings), str(tmp_path / name))
+
+
+@pytest.mark.parametrize("clip_method,final_clip_method", [("alternating", "exact"),
+                                                           ("exact", "alternating")])
+def test_each_clip_method_bounds_the_trained_layers(tmp_path, clip_method, final_clip_method):
+    """--clip_method during training and a different --final_clip_method at the
+    end: the run ends on the final method, and every conv of the saved model is
+    within the bound by a power iteration on the layer itself (He init: ~2-4)."""
+    results = _tiny_digits(tmp_path, "run", clip_to=0.5, clip_every=2,
+                           clip_method=clip_method, final_clip_method=final_clip_method)
+    assert results["final_projection"]["method"] == final_clip_method
+    assert results["final_projection"]["max_norm_before"] > 0.5  # trained past the bound
+    loaded = keras.models.load_model(results["model_path"])
+    for layer in (l for l in loaded.layers if isinstance(l, keras.layers.Conv2D)):
+        shape = tuple(layer.input.shape[1:])
+        assert _power_iteration_norm(layer, shape, 100) <= 0.5 * (1 + 1e-4) * (1 + 1e-5), (
+            layer.name)
+        assert results["operator_norms"][layer.kernel.path] <= 0.5 * (1 + 1e-4)
+
+
+_SEED_RUNS = """
+import json, sys
+import keras
+import numpy as np
+from tfconvnorm import training as train
+out = sys.argv[1]
+settings = dict(dataset="digits", depth=8, epochs=1, batch_size=32, train_examples=64,
+                spectra_every_n_epochs=0, bn_recalibration_batches=1, validation_bn_batches=1,
+                progress="none", max_steps=2, deterministic=True)
+for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+    results = train.train_and_evaluate(train.TrainConfig(seed=seed, **settings), f"{out}/{name}")
+    model = keras.models.load_model(results["model_path"])
+    np.savez(f"{out}/{name}.npz", **{v.path.replace("/", "|"): v.numpy() for v in model.weights})
+    json.dump(results, open(f"{out}/{name}.json", "w"))
+"""
+
+
+def test_the_same_seed_gives_the_same_run(tmp_path):
+    """--seed with --deterministic fixes initialisation, data order, augmentation
+    and kernel arithmetic: two runs with seed 0 end with identical weights, a run
+    with seed 1 does not. In a subprocess: op determinism is process-wide."""
+    done = subprocess.run([sys.executable, "-c", _SEED_RUNS, str(tmp_path)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kernels = [dict(np.load(tmp_path / f"{name}.npz")) for name in "abc"]
+    runs = [json.load(open(tmp_path / f"{name}.json")) for name in "abc"]
+    assert kernels[0].keys() == kernels[1].keys() and len(kernels[0]) > 10
+    for path in kernels[0]:
+        np.testing.assert_array_equal(kernels[0][path], kernels[1][path], err_msg=path)
+    assert runs[0]["test_loss"] == runs[1]["test_loss"]
+    assert runs[0]["flags"]["deterministic"] is True
+    assert not np.array_equal(kernels[0]["stem_conv|kernel"], kernels[2]["stem_conv|kernel"])
 
 
 @pytest.mark.slow
@@ -292,6 +375,13 @@ def test_resumes_after_sigkill(tiny_cifar10, tmp_path):
     assert results["steps"] == epochs * (TINY_TRAIN // batch)
     assert tf.train.latest_checkpoint(
         os.path.join(model_dir, train.CHECKPOINT_DIR)).endswith(f"ckpt-{epochs}")
+    # The history spans both sessions, each epoch once, time adding up across them.
+    history = json.load(open(os.path.join(model_dir, train.HISTORY_FILE)))["epochs"]
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    assert [h["step"] for h in history] == [e * (TINY_TRAIN // batch)
+                                            for e in range(1, epochs + 1)]
+    times = [h["train_time_s"] for h in history]
+    assert all(a < b for a, b in zip(times, times[1:]))
 
 
 def test_demo_rejects_bad_arguments(tmp_path, capsys):

@@ -8,6 +8,7 @@ Both find the model's operator layers and their input sizes themselves
 """
 
 import os
+import weakref
 
 from absl import logging
 import keras
@@ -22,6 +23,9 @@ from tfconvnorm import spectral
 #: The published experiments projected every 100 steps with the single clip.
 DEFAULT_EVERY_N_STEPS = 100
 DEFAULT_CLIPPER_METHOD = "paper"
+DEFAULT_BATCH_NORM_BATCHES = 20
+# {model: (its BN layers, compiled batch-statistics function)}.
+_BATCH_STATISTICS = weakref.WeakKeyDictionary()
 #: Subdirectory of `log_dir` for the spectra, beside keras.callbacks.TensorBoard's
 #: "train" and "validation".
 SPECTRA_SUBDIR = "spectra"
@@ -111,6 +115,9 @@ def recalibrate_batch_norm(model, dataset, num_batches):
     averages of its batch statistics over `num_batches` batches of `dataset`
     (Wu & Johnson 2021, "Rethinking Batch in BatchNorm", PreciseBN).
 
+    `dataset` is a tf.data.Dataset of (inputs, labels) batches (cycled from its
+    start) or an iterator over such batches (continued where it stands).
+
     Returns:
       The number of batches used (0 when the model has no BN layer).
     """
@@ -122,14 +129,23 @@ def recalibrate_batch_norm(model, dataset, num_batches):
     try:
         for layer in layers:
             layer.momentum = 0.0  # each call leaves exactly that batch's statistics
+        cached = _BATCH_STATISTICS.get(model)
+        if cached is None or cached[0] != layers:
+            # Traced once per model (momentum 0 is a constant of the trace): a clipper
+            # that re-estimates after every projection must not retrace each time.
+            model_ref = weakref.ref(model)  # the cache must not keep the model alive
 
-        @tf.function
-        def batch_statistics(images):
-            model(images, training=True)
-            return [(l.moving_mean.value, l.moving_variance.value) for l in layers]
+            @tf.function
+            def batch_statistics(images):
+                model_ref()(images, training=True)
+                return [(l.moving_mean.value, l.moving_variance.value) for l in layers]
+            cached = _BATCH_STATISTICS[model] = (layers, batch_statistics)
+        batch_statistics = cached[1]
 
         sums, count = None, 0
-        for images, _ in dataset.repeat().take(num_batches):
+        batches = (dataset.repeat().take(num_batches) if isinstance(dataset, tf.data.Dataset)
+                   else (next(dataset) for _ in range(num_batches)))
+        for images, _ in batches:
             stats = [(m.numpy().astype(np.float64), v.numpy().astype(np.float64))
                      for m, v in batch_statistics(images)]
             sums = stats if sums is None else [
@@ -142,6 +158,50 @@ def recalibrate_batch_norm(model, dataset, num_batches):
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
     return count
+
+
+class PreciseBatchNorm(keras.callbacks.Callback):
+    """Re-estimates the BN statistics (`recalibrate_batch_norm`) before every
+    validation in `fit`, so that per-epoch validation measures the weights as
+    they are, not running averages that lag behind them.
+
+    The lag is worst with few steps per epoch and after each projection of
+    `OperatorNormClipper`: a projection shrinks the convs at once (and with
+    them BN's effective learning rate grows), and validation with Keras'
+    running averages can sit at chance for epochs while training is fine.
+    Training never uses the running averages, so only evaluation changes.
+    Costs `num_batches` forward passes per validation.
+
+    Args:
+      dataset: (inputs, labels) batches of training data (a tf.data.Dataset).
+      num_batches: batches per re-estimation (an integer >= 1).
+    """
+
+    def __init__(self, dataset, num_batches=DEFAULT_BATCH_NORM_BATCHES):
+        super().__init__()
+        self.dataset = _check_batch_norm_data(dataset, "dataset", allow_none=False)
+        self.num_batches = _check_batch_norm_batches(num_batches, "num_batches")
+        self._iterator = None
+
+    def on_test_begin(self, logs=None):
+        # One iterator for the whole run: a new one per validation would refill
+        # the dataset's shuffle buffer each time, which costs more than the passes.
+        if self._iterator is None:
+            self._iterator = iter(self.dataset.repeat())
+        recalibrate_batch_norm(self.model, self._iterator, self.num_batches)
+
+
+def _check_batch_norm_data(value, argument, allow_none=True):
+    if (value is None and allow_none) or isinstance(value, tf.data.Dataset):
+        return value
+    raise TypeError(f"{argument} must be a tf.data.Dataset of (inputs, labels) batches"
+                    f"{' or None' if allow_none else ''}, got {type(value).__name__}")
+
+
+def _check_batch_norm_batches(value, argument):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{argument} must be an integer >= 1, got {value!r}")
+    return value
 
 
 class _OperatorCallback(keras.callbacks.Callback):
@@ -204,6 +264,13 @@ class OperatorNormClipper(_OperatorCallback):
       iterations: see `tfconvnorm.clip_conv_singular_values`.
       log_norms: compute and log the norms before/after (costs two extra
         decompositions per kernel and projection).
+      batch_norm_data: a dataset of (inputs, labels) batches, or None. When
+        given, every projection is followed by `recalibrate_batch_norm` on
+        `batch_norm_batches` of its batches. A projection changes the convs at
+        once, while the BN moving averages follow over ~1/(1 - momentum) steps:
+        without this, evaluation between projections uses statistics of other
+        weights, and its accuracy can fall to chance though training is fine.
+      batch_norm_batches: batches per re-estimation (an integer >= 1).
       **geometry_kwargs: `input_shape`, `layer_input_shapes`, `boundary`,
         `round_up`, as for `tfconvnorm.model_geometry`. By default each
         operator is the layer's own (zero-padded) one.
@@ -216,9 +283,13 @@ class OperatorNormClipper(_OperatorCallback):
 
     def __init__(self, max_norm, every_n_steps=DEFAULT_EVERY_N_STEPS,
                  method=DEFAULT_CLIPPER_METHOD, layers=None, kinds=None, iterations=None,
-                 log_norms=True, **geometry_kwargs):
+                 log_norms=True, batch_norm_data=None,
+                 batch_norm_batches=DEFAULT_BATCH_NORM_BATCHES, **geometry_kwargs):
         super().__init__(_check_every(every_n_steps, "every_n_steps"), layers, kinds,
                          geometry_kwargs)
+        self.batch_norm_data = _check_batch_norm_data(batch_norm_data, "batch_norm_data")
+        self.batch_norm_batches = _check_batch_norm_batches(batch_norm_batches,
+                                                            "batch_norm_batches")
         self.max_norm = spectral.check_positive(max_norm, "max_norm")
         spectral.check_method(method)
         self.method = method
@@ -258,6 +329,8 @@ class OperatorNormClipper(_OperatorCallback):
         _, operators, fn = self._projection()
         step = optimizer_step(self.model) if step is None else step
         before, after = (t.numpy() for t in fn())
+        if self.batch_norm_data is not None:
+            recalibrate_batch_norm(self.model, self.batch_norm_data, self.batch_norm_batches)
         if not self.log_norms:
             before = after = np.full(len(operators), np.nan, np.float32)
         names = [op.name for op in operators]

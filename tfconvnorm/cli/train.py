@@ -76,6 +76,8 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_boolean("mixed_precision", d.mixed_precision, "Compute in float16 (bfloat16 "
                          "on TPU), keep the weights in float32.", flag_values=fv)
     flags.DEFINE_integer("seed", d.seed, "Random seed.", flag_values=fv)
+    flags.DEFINE_boolean("deterministic", d.deterministic, "Bit-identical reruns with the same "
+                         "--seed (TF op determinism; slower).", flag_values=fv)
     flags.DEFINE_integer("max_steps", None, "Stop after this many steps in total (smoke runs).",
                          flag_values=fv)
     flags.DEFINE_integer("checkpoints_to_keep", d.checkpoints_to_keep, "Per-epoch checkpoints "
@@ -85,6 +87,18 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_integer("bn_recalibration_batches", d.bn_recalibration_batches, "Training "
                          "batches over which BatchNormalization statistics are re-estimated at "
                          "the end, after the final projection (0: keep the running averages).",
+                         flag_values=fv)
+    flags.DEFINE_integer("train_examples", None, "Train on a reduced training set: the "
+                         "split's first N examples, the same in every run (default: all).",
+                         flag_values=fv)
+    flags.DEFINE_integer("clip_bn_batches", d.clip_bn_batches, "With --clip_to: training "
+                         "batches over which BatchNormalization statistics are re-estimated "
+                         "after every projection, so that per-epoch validation sees statistics "
+                         "of the projected weights (0: the running averages catch up alone).",
+                         flag_values=fv)
+    flags.DEFINE_integer("validation_bn_batches", d.validation_bn_batches, "Training batches "
+                         "over which BatchNormalization statistics are re-estimated before "
+                         "every per-epoch validation (0: Keras' running averages).",
                          flag_values=fv)
     flags.DEFINE_string("progress", d.progress, f"Keras progress output, one of "
                         f"{tuple(PROGRESS)}.", flag_values=fv)

@@ -169,7 +169,7 @@ def _digits_arrays(split):
     return images[index], labels[index]
 
 
-def load_split(name, split, data_dir=None, manual_dir=None, download=True):
+def load_split(name, split, data_dir=None, manual_dir=None, download=True, num_examples=None):
     """Loads one split, undecorated: a dataset of (uint8 image HWC, int32 label).
 
     Args:
@@ -178,6 +178,9 @@ def load_split(name, split, data_dir=None, manual_dir=None, download=True):
       data_dir: TFDS data directory (None: TFDS' default, ~/tensorflow_datasets).
       manual_dir: folder holding the raw download files (see `DatasetInfo`).
       download: whether TFDS may download when the data is not prepared.
+      num_examples: None (the whole split) or a reduced split: its first
+        `num_examples` examples in the stored order (files read in order), the
+        same ones in every run.
 
     Returns:
       (dataset, number of examples).
@@ -190,16 +193,30 @@ def load_split(name, split, data_dir=None, manual_dir=None, download=True):
     info = dataset_info(name)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if num_examples is not None and (isinstance(num_examples, bool)
+                                     or not isinstance(num_examples, int) or num_examples < 1):
+        raise ValueError(f"num_examples must be None or an integer >= 1, got {num_examples!r}")
+
+    def reduced(dataset, available):
+        if num_examples is None:
+            return dataset, available
+        if num_examples > available:
+            raise ValueError(f"num_examples={num_examples} exceeds the {available} examples of "
+                             f"{name!r} split {split!r}")
+        return dataset.take(num_examples), num_examples
+
     if info.tfds_name is None:
         images, labels = _digits_arrays(split)
-        return tf.data.Dataset.from_tensor_slices((images, labels)), len(labels)
+        return reduced(tf.data.Dataset.from_tensor_slices((images, labels)), len(labels))
     builder = _tfds_builder(info, data_dir, manual_dir, download)
     tfds_split = info.train_split if split == "train" else info.test_split
-    num_examples = builder.info.splits[tfds_split].num_examples
-    dataset = builder.as_dataset(split=tfds_split, shuffle_files=split == "train")
+    available = builder.info.splits[tfds_split].num_examples
+    # A reduced split must be the same examples every time: files in order.
+    dataset = builder.as_dataset(split=tfds_split,
+                                 shuffle_files=split == "train" and num_examples is None)
     dataset = dataset.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)),
                           num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset, num_examples
+    return reduced(dataset, available)
 
 
 def preprocess_image(image, is_training, image_shape, flip):
@@ -227,13 +244,14 @@ def preprocess_image(image, is_training, image_shape, flip):
 
 def build_dataset(name, split, batch_size, is_training=None, data_dir=None, manual_dir=None,
                   download=True, shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, seed=None,
-                  cache=True):
+                  cache=True, num_examples=None):
     """Batched, preprocessed, prefetched pipeline for one split.
 
     Training (`is_training`, default: split == "train") shuffles every epoch,
     augments and drops the last partial batch (every step sees a full batch,
     as the learning-rate schedule assumes); evaluation keeps every example.
     The dataset is finite (one epoch); Keras iterates it once per epoch.
+    `num_examples` reduces the split as in `load_split`.
 
     Returns:
       (dataset of (float32 images (B, H, W, C), int32 labels (B,)), number of examples).
@@ -247,7 +265,8 @@ def build_dataset(name, split, batch_size, is_training=None, data_dir=None, manu
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if is_training is None:
         is_training = split == "train"
-    dataset, num_examples = load_split(name, split, data_dir, manual_dir, download)
+    dataset, num_examples = load_split(name, split, data_dir, manual_dir, download,
+                                       num_examples)
     if is_training and num_examples < batch_size:
         raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} examples of "
                          f"{name!r} split {split!r}")

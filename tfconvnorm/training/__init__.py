@@ -7,8 +7,8 @@ into a `TrainConfig`.
 """
 
 from tfconvnorm.training.config import (BACKUP_DIR, BASE_BATCH_SIZE, BASE_LEARNING_RATE,
-                                        CHECKPOINT_DIR, CONFIG_FILE, LOG_DIR, MODEL_FILE,
-                                        PROGRESS, RECIPE_BOUNDARIES, RECIPE_EPOCHS,
+                                        CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE, LOG_DIR,
+                                        MODEL_FILE, PROGRESS, RECIPE_BOUNDARIES, RECIPE_EPOCHS,
                                         RESULTS_FILE, STRATEGIES, TrainConfig, check_model_dir,
                                         validate_config)
 from tfconvnorm.training.loop import (build_model, learning_rate_schedule, make_strategy,

@@ -7,6 +7,7 @@ A run directory (`model_dir`) holds:
     backup/        keras.callbacks.BackupAndRestore state: a killed run resumes here
     logs/          TensorBoard: train/, validation/ (Keras), spectra/ (SpectrumLogger)
     model.keras    the final model
+    history.json   every epoch's logs (loss, accuracy, val_*), step and training time
     results.json   test accuracy/error, each layer's certified norm interval, the
                    model's certified Lipschitz bound, wall time, flags
 """
@@ -35,6 +36,7 @@ RECIPE_EPOCHS = 182
 RECIPE_BOUNDARIES = (91, 136, 182)
 CONFIG_FILE = files.RUN_CONFIG_FILE
 RESULTS_FILE = "results.json"
+HISTORY_FILE = "history.json"
 MODEL_FILE = "model.keras"
 CHECKPOINT_DIR = "checkpoints"
 BACKUP_DIR = "backup"
@@ -44,7 +46,7 @@ LOG_DIR = "logs"
 _RESUMABLE_CHANGES = frozenset({
     "data_dir", "manual_dir", "download", "strategy", "tpu", "progress", "max_steps",
     "epochs", "spectra_every_n_epochs", "checkpoints_to_keep", "validation_freq",
-    "bn_recalibration_batches"})
+    "bn_recalibration_batches", "validation_bn_batches", "deterministic"})
 
 
 @dataclasses.dataclass
@@ -84,13 +86,25 @@ class TrainConfig:
     tpu: str = None
     mixed_precision: bool = False
     seed: int = 0
+    # Bit-identical reruns with the same seed: TF op determinism (process-wide,
+    # somewhat slower). Without it, same-seed runs agree only to thread-order
+    # rounding, which training amplifies.
+    deterministic: bool = False
     max_steps: int = None          # stop after this many optimizer steps in total
     checkpoints_to_keep: int = 10  # 0: keep every epoch's checkpoint
     validation_freq: int = 1       # evaluate on the test split every N epochs
     shuffle_buffer: int = cifar_input.DEFAULT_SHUFFLE_BUFFER
+    train_examples: int = None     # a reduced training set: the split's first N (None: all)
     # Batches of training data over which BN statistics are re-estimated at the
     # end (after the final projection); 0 keeps the running averages.
     bn_recalibration_batches: int = 100
+    # Batches over which BN statistics are re-estimated after every projection
+    # during training (0: none). Off by default: validation_bn_batches is what
+    # makes per-epoch validation meaningful (BENCHMARKS.md, "Validation curves").
+    clip_bn_batches: int = 0
+    # Batches over which BN statistics are re-estimated before every per-epoch
+    # validation (0: Keras' running averages, which lag behind the weights).
+    validation_bn_batches: int = 10
     progress: str = "bar"          # Keras progress output: bar, epoch (a line each), none
     num_classes: int = None
     input_shape: tuple = None
@@ -143,7 +157,8 @@ def validate_config(config):
     for name in ("epochs", "batch_size", "clip_every", "validation_freq", "shuffle_buffer"):
         if not _is_int(getattr(config, name)) or getattr(config, name) < 1:
             bad(name, "a positive integer")
-    for name in ("spectra_every_n_epochs", "checkpoints_to_keep", "bn_recalibration_batches"):
+    for name in ("spectra_every_n_epochs", "checkpoints_to_keep", "bn_recalibration_batches",
+                 "clip_bn_batches", "validation_bn_batches"):
         if not _is_int(getattr(config, name)) or getattr(config, name) < 0:
             bad(name, "an integer >= 0")
     if config.max_steps is not None and (not _is_int(config.max_steps) or config.max_steps < 1):
@@ -178,6 +193,11 @@ def validate_config(config):
             or not all(_is_int(d) and d > 0 for d in config.input_shape)):
         bad("input_shape", "(height, width, channels)")
     info = cifar_input.DATASETS[config.dataset]
+    if config.train_examples is not None and (
+            not _is_int(config.train_examples)
+            or not config.batch_size <= config.train_examples <= info.num_train):
+        bad("train_examples", f"an integer from --batch_size={config.batch_size} to the "
+                              f"{info.num_train} training images of {config.dataset} (or unset)")
     if config.batch_size > info.num_train:
         bad("batch_size", f"at most the {info.num_train} training images of {config.dataset}")
 

@@ -30,8 +30,8 @@ from tfconvnorm import spectral as tfcn_spectral
 from tfconvnorm.callbacks import optimizer_step, recalibrate_batch_norm
 from tfconvnorm.models import cifar_input
 from tfconvnorm.models import resnet_v2
-from tfconvnorm.training.config import (BACKUP_DIR, CHECKPOINT_DIR, CONFIG_FILE, LOG_DIR,
-                                        MODEL_FILE, PROGRESS, RESULTS_FILE, STRATEGIES,
+from tfconvnorm.training.config import (BACKUP_DIR, CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE,
+                                        LOG_DIR, MODEL_FILE, PROGRESS, RESULTS_FILE, STRATEGIES,
                                         check_model_dir, validate_config)
 
 def make_strategy(name, tpu=None):
@@ -139,21 +139,49 @@ class _EpochCheckpoint(keras.callbacks.Callback):
 
 
 class _SessionRecorder(keras.callbacks.Callback):
-    """Remembers the first epoch run in this session and the last epoch's logs."""
+    """Remembers the first epoch run in this session and the last epoch's logs, and
+    keeps `history.json`: every epoch's logs and training time, across resumptions.
 
-    def __init__(self):
+    Training time runs from an epoch's start to its validation (projections
+    included, evaluation not), summed over epochs, so that curves against time
+    (the paper's Fig. 4) do not charge the clipped run for being evaluated.
+    """
+
+    def __init__(self, path=None):
         super().__init__()
+        self.path = path
         self.first_epoch = None
         self.last_epoch = None
         self.last_logs = {}
+        self.history = []
+        self._epoch_start = None
+        self._train_time = None
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.first_epoch is None:
             self.first_epoch = epoch
+            if self.path and tf.io.gfile.exists(self.path):
+                # A resumed run: keep the epochs the restored state had finished.
+                self.history = [h for h in files.read_json(self.path)["epochs"]
+                                if h["epoch"] <= epoch]
+        self._epoch_start = time.time()
+        self._train_time = None
+
+    def on_test_begin(self, logs=None):
+        if self._epoch_start is not None and self._train_time is None:
+            self._train_time = time.time() - self._epoch_start
 
     def on_epoch_end(self, epoch, logs=None):
         self.last_epoch = epoch
         self.last_logs = {k: float(v) for k, v in (logs or {}).items()}
+        train_time = (self._train_time if self._train_time is not None
+                      else time.time() - self._epoch_start)
+        total = (self.history[-1]["train_time_s"] if self.history else 0.0) + train_time
+        self.history = [h for h in self.history if h["epoch"] < epoch + 1]
+        self.history.append(dict(epoch=epoch + 1, step=optimizer_step(self.model),
+                                 train_time_s=total, **self.last_logs))
+        if self.path:
+            files.write_json(self.path, {"epochs": self.history})
 
 
 def operator_norms(model):
@@ -226,11 +254,14 @@ def train_and_evaluate(config, model_dir):
     if is_chief:
         files.write_json(os.path.join(model_dir, CONFIG_FILE), config.to_json_dict())
     keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
 
     train_data, num_train = cifar_input.build_dataset(
         config.dataset, "train", config.batch_size, data_dir=config.data_dir,
         manual_dir=config.manual_dir, download=config.download,
-        shuffle_buffer=config.shuffle_buffer, seed=config.seed)
+        shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+        num_examples=config.train_examples)
     test_data, num_test = cifar_input.build_dataset(
         config.dataset, "test", config.batch_size, data_dir=config.data_dir,
         manual_dir=config.manual_dir, download=config.download)
@@ -263,7 +294,9 @@ def train_and_evaluate(config, model_dir):
             # Conv kernels only, as in the paper: the dense classifier is left free.
             clipper = tfcn_callbacks.OperatorNormClipper(
                 config.clip_to, every_n_steps=config.clip_every, method=config.clip_method,
-                kinds=tfcn_geometry.CONV_KINDS, boundary=config.clip_boundary)
+                kinds=tfcn_geometry.CONV_KINDS, boundary=config.clip_boundary,
+                batch_norm_data=train_data if config.clip_bn_batches else None,
+                batch_norm_batches=config.clip_bn_batches or 1)
             final = clipper
             if (config.final_clip_method != config.clip_method
                     or config.clip_boundary != tfcn_geometry.BOUNDARY_LAYER):
@@ -283,9 +316,14 @@ def train_and_evaluate(config, model_dir):
         manager = tf.train.CheckpointManager(
             tf.train.Checkpoint(model=model), os.path.join(write_dir, CHECKPOINT_DIR),
             max_to_keep=config.checkpoints_to_keep or None)
-        recorder = _SessionRecorder()
-        callbacks += [_EpochCheckpoint(manager), recorder,
-                      keras.callbacks.TensorBoard(log_dir, update_freq="epoch", profile_batch=0)]
+        recorder = _SessionRecorder(os.path.join(write_dir, HISTORY_FILE))
+        callbacks += [_EpochCheckpoint(manager), recorder]
+        if config.validation_bn_batches:
+            # After the recorder, whose clock stops when validation begins.
+            callbacks.append(tfcn_callbacks.PreciseBatchNorm(train_data,
+                                                             config.validation_bn_batches))
+        callbacks.append(
+            keras.callbacks.TensorBoard(log_dir, update_freq="epoch", profile_batch=0))
 
         model.fit(train_data, epochs=epochs, validation_data=test_data, shuffle=False,
                   validation_freq=config.validation_freq, callbacks=callbacks,
@@ -321,6 +359,11 @@ def train_and_evaluate(config, model_dir):
         "num_train_examples": num_train,
         "num_test_examples": num_test,
         "num_params": int(model.count_params()),
+        "replicas": int(strategy.num_replicas_in_sync),
+        # The convs' compute dtype (float16 under --mixed_precision; logits stay float32).
+        "compute_dtype": next(l.dtype_policy.compute_dtype for l in model.layers
+                              if isinstance(l, keras.layers.Conv2D)),
+        "loss_scaling": isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer),
         "clip_to": config.clip_to,
         # Certified: lower <= each layer's norm (with its zero padding) <= upper.
         "operator_norms": {name: upper for name, (_, _, upper) in norms.items()},
@@ -336,6 +379,8 @@ def train_and_evaluate(config, model_dir):
         "lipschitz_top_contributors": {f.name: f.factor
                                        for f in certificate.top_contributors(5)},
         "wall_time_s": time.time() - start,
+        # Time in training epochs (validation excluded), summed over resumed runs.
+        "train_time_s": recorder.history[-1]["train_time_s"] if recorder.history else None,
         "model_path": model_path,
         "latest_checkpoint": manager.latest_checkpoint,
         "flags": config.to_json_dict(),
