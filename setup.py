@@ -28,7 +28,7 @@ EXTRAS_REQUIRE = {
     "demo": ["matplotlib>=3.5", "scikit-learn>=1.0", "tensorflow-datasets>=4.9",
              "importlib_resources"],
     "test": ["pytest>=7", "pytest-xdist>=3", "matplotlib>=3.5", "scikit-learn>=1.0",
-             "tensorflow-datasets>=4.9", "importlib_resources", "h5py"],
+             "tensorflow-datasets>=4.9", "importlib_resources", "h5py", "scipy>=1.8"],
 }
 
 setuptools.setup(

@@ -8,6 +8,10 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import pytest  # pylint: disable=wrong-import-position
 
+if os.environ.get("TFCONVNORM_MUTANT"):  # tests/mutation_check.py: a deliberately wrong library
+    import mutants  # pylint: disable=wrong-import-position
+    mutants.apply(os.environ["TFCONVNORM_MUTANT"])
+
 
 def store_tiny_cifar10(data_dir, num_train=32, num_test=8, seed=0):
     """Writes a real-format TFDS cifar10 copy (same name, version and features)

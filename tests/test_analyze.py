@@ -436,3 +436,52 @@ def test_bad_arguments(keras_file, tmp_path, kwargs, match):
     arguments = {"output_dir": str(tmp_path), **kwargs}
     with pytest.raises(ValueError, match=match):
         analyze.analyse(keras_file[0], verbose=False, **arguments)
+
+
+@pytest.mark.parametrize("skip_1x1,log_scale,log_rank", [(True, False, True), (False, True, False)])
+def test_plot_options_change_the_plot(keras_file, tmp_path, monkeypatch, skip_1x1, log_scale,
+                                      log_rank):
+    """--skip_1x1 leaves the 1x1 conv's curve out (its spectrum stays in the npz),
+    --log_scale / --log_rank set the value / rank axes: read off the figure itself."""
+    figures = []
+    real = analyze.plotting.figure_to_png
+    monkeypatch.setattr(analyze.plotting, "figure_to_png",
+                        lambda fig, *a, **k: figures.append(fig) or real(fig, *a, **k))
+    path, _ = keras_file
+    analyze.analyse(path, str(tmp_path), skip_1x1=skip_1x1, log_scale=log_scale,
+                    log_rank=log_rank, verbose=False)
+    (figure,) = figures
+    (ax,) = [a for a in figure.axes if a.get_lines()]
+    labels = {line.get_label() for line in ax.get_lines()}
+    assert ("pointwise/kernel" in labels) is not skip_1x1
+    assert {"conv_a/kernel", "conv_b/kernel", "head/kernel"} <= labels
+    assert ax.get_yscale() == ("log" if log_scale else "linear")
+    assert ax.get_xscale() == ("log" if log_rank else "linear")
+    assert ("1x1 convs skipped" in ax.get_title()) is skip_1x1
+    assert "pointwise/kernel" in load_npz(str(tmp_path))  # skipped from the plot only
+
+
+def test_format_flag_is_used_not_guessed(keras_file, tmp_path):
+    path, weights = keras_file
+    named = analyze.analyse(path, str(tmp_path / "named"), format="keras", verbose=False)
+    assert named["format"] == "keras"
+    check_spectrum(load_npz(str(tmp_path / "named"))["conv_a/kernel"], weights["conv_a/kernel"],
+                   (15, 15), embedding=(16, 16))
+    # Told it is another format, the reader of that format runs, and says why it cannot.
+    for wrong in ("tf2", "tf1_meta", "keras_weights", "savedmodel"):
+        with pytest.raises((checkpoints.CheckpointError, ValueError)):
+            analyze.analyse(path, str(tmp_path / wrong), format=wrong, verbose=False)
+        assert not os.path.exists(tmp_path / wrong / checkpoints.SPECTRA_FILENAME)
+
+
+def test_safe_mode_refuses_a_keras_file_with_code(tmp_path):
+    """A .keras file with a Lambda layer carries Python bytecode; the analyser
+    loads in Keras' safe mode, so it refuses the file instead of running it."""
+    inputs = keras.Input((4, 4, 1))
+    x = keras.layers.Conv2D(2, 3, padding="same", name="conv")(inputs)
+    outputs = keras.layers.Lambda(lambda t: t * 2.0, name="code")(x)
+    path = str(tmp_path / "unsafe.keras")
+    keras.Model(inputs, outputs).save(path)
+    with pytest.raises(checkpoints.CheckpointError, match="(?i)unsafe.keras.*(safe_mode|lambda)"):
+        analyze.analyse(path, str(tmp_path / "out"), verbose=False)
+    assert not os.path.exists(tmp_path / "out" / checkpoints.SPECTRA_FILENAME)

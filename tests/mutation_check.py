@@ -1,0 +1,57 @@
+r"""Runs the suite against each mutant of `tests/mutants.py`; every one must be caught.
+
+    python tests/mutation_check.py                 # all mutants, non-slow tests
+    python tests/mutation_check.py norms_1pct_low  # some of them
+    python tests/mutation_check.py --slow          # include the slow tests
+
+Per mutant: `pytest -x` with TFCONVNORM_MUTANT set, stopping at the first
+failure; prints which test caught it (or SURVIVED). Exit status 1 if any
+mutant survives. A survivor costs a whole suite run (minutes); a caught one
+seconds to a minute.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import mutants  # pylint: disable=wrong-import-position
+
+
+def run(name, slow=False, workers=2):
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+               "-n", str(workers), HERE]
+    if not slow:
+        command += ["-m", "not slow"]
+    env = dict(os.environ, TFCONVNORM_MUTANT=name)
+    started = time.time()
+    done = subprocess.run(command, env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(HERE))
+    failed = re.findall(r"^FAILED (\S+)", done.stdout, re.MULTILINE)
+    return done.returncode, failed, time.time() - started, done.stdout[-2000:]
+
+
+def main(argv):
+    slow = "--slow" in argv
+    names = [a for a in argv if not a.startswith("--")] or sorted(mutants.MUTANTS)
+    survivors = []
+    for name in names:
+        code, failed, seconds, tail = run(name, slow)
+        if code == 0:
+            survivors.append(name)
+            print(f"{name}: SURVIVED ({seconds:.0f} s)", flush=True)
+        elif failed:
+            print(f"{name}: caught by {failed[0]} ({seconds:.0f} s)", flush=True)
+        else:
+            print(f"{name}: pytest exited {code} without a failing test ({seconds:.0f} s):\n"
+                  f"{tail}", flush=True)
+            survivors.append(name)
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
