@@ -7,7 +7,9 @@ computes it (its own zero padding), and the circular operator on the
 embedding size whose norm the library reports as the upper bound.
 """
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from tfconvnorm import reference
 
@@ -68,3 +70,46 @@ def bounding_spectrum(op, kernel=None):
     circular = reference.grouped_singular_values(circular_matrix(op, kernel), c_out, c_in,
                                                  groups)
     return circular[:len(layer)], layer
+
+
+def _float64_twin(layer_class, config, input_shape, weights):
+    config = dict(config, dtype="float64", use_bias=False)
+    config.pop("name", None)
+    twin = layer_class.from_config(config)
+    twin.build((None,) + tuple(input_shape))
+    twin.set_weights([np.asarray(w, np.float64) for w in weights])
+    return twin
+
+
+def _matrix(layer, input_shape):
+    return reference.function_matrix(lambda x: layer(tf.constant(x)).numpy(), input_shape)
+
+
+def keras_part_matrices(layer, input_shape):
+    """The Keras layer itself as the oracle: {kernel variable name: (float64
+    matrix of that part, c_out, c_in, groups)}, from a float64 bias-free twin
+    applied to every basis vector; a separable layer's parts are the depthwise
+    and 1x1 layers it is made of."""
+    config = layer.get_config()
+    if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
+        rank = len(input_shape) - 1
+        depthwise_class = keras.layers.DepthwiseConv1D if rank == 1 else keras.layers.DepthwiseConv2D
+        keys = ("kernel_size", "strides", "padding", "dilation_rate", "depth_multiplier")
+        depthwise = _float64_twin(depthwise_class, {k: config[k] for k in keys}, input_shape,
+                                  [layer.depthwise_kernel.numpy()])
+        mid = depthwise.compute_output_shape((None,) + tuple(input_shape))[1:]
+        pointwise_class = keras.layers.Conv1D if rank == 1 else keras.layers.Conv2D
+        pointwise = _float64_twin(pointwise_class, dict(filters=config["filters"],
+                                                         kernel_size=1), mid,
+                                  [layer.pointwise_kernel.numpy()])
+        c_in, m = layer.depthwise_kernel.shape[-2:]
+        return {"depthwise_kernel": (_matrix(depthwise, input_shape), c_in * m, c_in, c_in),
+                "pointwise_kernel": (_matrix(pointwise, mid), config["filters"], c_in * m, 1)}
+    twin = _float64_twin(type(layer), config, input_shape, layer.get_weights())
+    c_in = input_shape[-1]
+    if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+        m = layer.kernel.shape[-1]
+        return {"kernel": (_matrix(twin, input_shape), c_in * m, c_in, c_in)}
+    c_out = twin.compute_output_shape((None,) + tuple(input_shape))[-1]
+    groups = getattr(layer, "groups", 1)
+    return {"kernel": (_matrix(twin, input_shape), c_out, c_in, groups)}

@@ -26,6 +26,8 @@ import tfconvnorm
 from tfconvnorm import checkpoints
 from tfconvnorm import reference
 
+import oracles
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLIM_IMAGE_SIZE = 64
 
@@ -145,11 +147,55 @@ def test_layers_regex_and_float64(keras_file, tmp_path):
     spectra = load_npz(str(tmp_path))
     assert list(spectra) == ["conv_a/kernel", "conv_b/kernel"]
     assert spectra["conv_a/kernel"]["sv"].dtype == np.float64
+    # float64 all the way: agrees with the float64 explicit matrix far below
+    # float32 rounding (a float32 computation cast to float64 is ~1e-7 off).
+    circular = np.linalg.svd(reference.explicit_operator_matrix(
+        weights["conv_a/kernel"].astype(np.float64), (16, 16)), compute_uv=False)
+    got = spectra["conv_a/kernel"]["sv"]
+    np.testing.assert_allclose(got, circular[:len(got)], rtol=0, atol=1e-11 * circular[0])
     assert len(result["spectra"]) == 2
     with pytest.raises(ValueError, match="matches none"):
         analyze.analyse(path, str(tmp_path), layers="nothing_like_this", verbose=False)
     with pytest.raises(ValueError, match="regular expression"):
         analyze.analyse(path, str(tmp_path), layers="(", verbose=False)
+
+
+def test_other_layer_kinds_against_the_keras_layers_themselves(tmp_path):
+    """Conv1D, SeparableConv1D, Conv1DTranspose, Conv3D and Conv3DTranspose in a
+    .keras file: each part's reported spectrum has exactly the layer part's
+    number of singular values and bounds each of them (the part as Keras
+    computes it, on every basis vector), and lower <= its norm <= upper."""
+    keras.utils.set_random_seed(5)
+    L = keras.layers
+    one_d = keras.Input((9, 2))
+    x = L.Conv1D(3, 3, strides=2, padding="same", use_bias=False, name="c1")(one_d)
+    x = L.SeparableConv1D(4, 3, padding="same", depth_multiplier=2, use_bias=False,
+                          name="sep1")(x)
+    x = L.Conv1DTranspose(2, 3, strides=2, padding="same", use_bias=False, name="t1")(x)
+    three_d = keras.Input((5, 4, 3, 2))
+    y = L.Conv3D(3, 3, strides=2, padding="same", use_bias=False, name="c3")(three_d)
+    y = L.Conv3DTranspose(2, 2, strides=2, padding="valid", use_bias=False, name="t3")(y)
+    model = keras.Model([one_d, three_d], [L.Flatten()(x), L.Flatten()(y)])
+    path = str(tmp_path / "kinds.keras")
+    model.save(path)
+    out = str(tmp_path / "out")
+    analyze.analyse(path, out, verbose=False)
+    spectra = load_npz(out)
+    expected = set()
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        shape = tuple(layer.input.shape[1:])
+        for part, (matrix, *_) in oracles.keras_part_matrices(layer, shape).items():
+            name = f"{layer.name}/{part}"
+            expected.add(name)
+            entry, true = spectra[name], np.linalg.svd(matrix, compute_uv=False)
+            if part == "kernel" and "Transpose" not in type(layer).__name__:
+                assert entry["input_shape"] == shape[:-1], name  # transposed: the output's
+            assert len(entry["sv"]) == len(true), name
+            assert np.all(true <= entry["sv"] * (1 + 1e-5) + 1e-6), name
+            assert entry["lower"] * (1 - 1e-5) <= true[0] <= entry["upper"] * (1 + 1e-5), name
+    assert set(spectra) == expected
 
 
 # ---------------------------------------------------------------------------

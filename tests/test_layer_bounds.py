@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import oracles
 import tfconvnorm
 from tfconvnorm import reference
 
@@ -55,46 +56,6 @@ def _ids():
     return [f"{type(make()).__name__}-{i}" for i, (make, _) in enumerate(LAYERS)]
 
 
-def _float64_twin(layer_class, config, input_shape, weights):
-    config = dict(config, dtype="float64", use_bias=False)
-    config.pop("name", None)
-    twin = layer_class.from_config(config)
-    twin.build((None,) + tuple(input_shape))
-    twin.set_weights([np.asarray(w, np.float64) for w in weights])
-    return twin
-
-
-def _matrix(layer, input_shape):
-    return reference.function_matrix(lambda x: layer(tf.constant(x)).numpy(), input_shape)
-
-
-def _part_matrices(layer, input_shape):
-    """{kernel variable name: (float64 matrix of that part, c_out, c_in, groups)}."""
-    config = layer.get_config()
-    if isinstance(layer, (L.SeparableConv1D, L.SeparableConv2D)):
-        rank = len(input_shape) - 1
-        depthwise_class = L.DepthwiseConv1D if rank == 1 else L.DepthwiseConv2D
-        keys = ("kernel_size", "strides", "padding", "dilation_rate", "depth_multiplier")
-        depthwise = _float64_twin(depthwise_class, {k: config[k] for k in keys}, input_shape,
-                                  [layer.depthwise_kernel.numpy()])
-        mid = depthwise.compute_output_shape((None,) + tuple(input_shape))[1:]
-        pointwise_class = L.Conv1D if rank == 1 else L.Conv2D
-        pointwise = _float64_twin(pointwise_class, dict(filters=config["filters"],
-                                                         kernel_size=1), mid,
-                                  [layer.pointwise_kernel.numpy()])
-        c_in, m = layer.depthwise_kernel.shape[-2:]
-        return {"depthwise_kernel": (_matrix(depthwise, input_shape), c_in * m, c_in, c_in),
-                "pointwise_kernel": (_matrix(pointwise, mid), config["filters"], c_in * m, 1)}
-    twin = _float64_twin(type(layer), config, input_shape, layer.get_weights())
-    c_in = input_shape[-1]
-    if isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D)):
-        m = layer.kernel.shape[-1]
-        return {"kernel": (_matrix(twin, input_shape), c_in * m, c_in, c_in)}
-    c_out = twin.compute_output_shape((None,) + tuple(input_shape))[-1]
-    groups = getattr(layer, "groups", 1)
-    return {"kernel": (_matrix(twin, input_shape), c_out, c_in, groups)}
-
-
 def _model(make, input_shape, seed):
     keras.utils.set_random_seed(seed)
     layer = make()
@@ -106,7 +67,7 @@ def _model(make, input_shape, seed):
 @pytest.mark.parametrize("make,input_shape", LAYERS, ids=_ids())
 def test_bounds_hold_for_the_real_layer(make, input_shape, monkeypatch):
     model, layer = _model(make, input_shape, seed=0)
-    parts = _part_matrices(layer, input_shape)
+    parts = oracles.keras_part_matrices(layer, input_shape)
     operators = tfconvnorm.model_geometry(model)
     assert sorted(op.variable.name for op in operators) == sorted(parts)
     true_norms = {}
@@ -130,7 +91,7 @@ def test_bounds_hold_for_the_real_layer(make, input_shape, monkeypatch):
         true_norms[op.variable.name] = true
     bound = 0.5 * min(true_norms.values())
     tfconvnorm.constrain(model, bound, apply_now=True)
-    for name, (matrix, *_) in _part_matrices(layer, input_shape).items():
+    for name, (matrix, *_) in oracles.keras_part_matrices(layer, input_shape).items():
         assert np.linalg.norm(matrix, 2) <= bound * (1 + 1e-4), name
 
 
@@ -152,7 +113,7 @@ def test_constraints_hold_the_real_norms_during_fit():
     model.fit(x, y, batch_size=4, epochs=1, verbose=0)
     shapes = [(7, 7, 2), (4, 4, 4), (4, 4, 4)]
     for layer, shape in zip(model.layers, shapes):
-        (matrix, *_), = _part_matrices(layer, shape).values()
+        (matrix, *_), = oracles.keras_part_matrices(layer, shape).values()
         assert np.linalg.norm(matrix, 2) <= 0.8 * (1 + 1e-4), layer.name
 
 
@@ -161,7 +122,7 @@ def test_transposed_example_from_the_issue():
     old (input size times strides, 6x6) gave less than the layer's norm."""
     model, layer = _model(lambda: L.Conv2DTranspose(2, 3, strides=2, padding="valid"),
                           (3, 3, 2), seed=3)
-    (matrix, *_), = _part_matrices(layer, (3, 3, 2)).values()
+    (matrix, *_), = oracles.keras_part_matrices(layer, (3, 3, 2)).values()
     (op,) = tfconvnorm.model_geometry(model)
     assert op.geometry.input_shape == (7, 7)  # the layer's output: (3 - 1) * 2 + 3
     kernel = op.to_spectral(tf.cast(op.variable.value, tf.float64))
