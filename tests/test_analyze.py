@@ -421,6 +421,38 @@ def test_keras_applications_h5(applications_model, tmp_path, kind):
         check_spectrum(spectra[name], weights[name], size, stride, "valid", size)
 
 
+# The deeper nets' own blocks (conv3 has 8 blocks only in 152, conv4 23 / 36)
+# at 64: the stride sits on each stage's last block.
+DEEP_CHECKS = {
+    101: {"conv4_block22_2_conv/kernel": ((6, 6), 1), "conv4_block23_2_conv/kernel": ((6, 6), 2),
+          "conv3_block4_2_conv/kernel": ((10, 10), 2)},
+    152: {"conv3_block8_2_conv/kernel": ((10, 10), 2), "conv4_block35_2_conv/kernel": ((6, 6), 1),
+          "conv4_block36_2_conv/kernel": ((6, 6), 2)},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("depth", [101, 152])
+def test_deeper_keras_applications_h5(tmp_path, depth):
+    """A ResNet101V2 / 152V2 weights file (keras.applications' download name):
+    the architecture comes from the name, and the blocks only the deeper nets
+    have are read with their geometry (the whole net costs a minute: the
+    layer regex keeps this test to the blocks that tell depths apart)."""
+    keras.utils.set_random_seed(depth)
+    model = getattr(keras.applications, f"ResNet{depth}V2")(weights=None, input_shape=(64, 64, 3))
+    path = str(tmp_path / f"resnet{depth}v2_weights_tf_dim_ordering_tf_kernels.h5")
+    write_keras2_h5(path, model)
+    output_dir = str(tmp_path / "out")
+    layers = "|".join(f"^{name}$" for name in DEEP_CHECKS[depth])
+    result = analyze.analyse(path, output_dir, image_size=64, layers=layers, verbose=False)
+    assert f"ResNet{depth}V2" in result["architecture"]
+    spectra = load_npz(output_dir)
+    assert sorted(spectra) == sorted(DEEP_CHECKS[depth])
+    weights = {v.path: v.numpy() for v in model.weights}
+    for name, (size, stride) in DEEP_CHECKS[depth].items():
+        check_spectrum(spectra[name], weights[name], size, stride, "valid", size)
+
+
 # ---------------------------------------------------------------------------
 # The binary
 
