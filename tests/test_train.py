@@ -290,12 +290,14 @@ def _tiny_digits(tmp_path, name, **overrides):
     return train.train_and_evaluate(train.TrainConfig(**settings), str(tmp_path / name))
 
 
-@pytest.mark.parametrize("clip_method,final_clip_method", [("alternating", "exact"),
-                                                           ("exact", "alternating")])
+@pytest.mark.parametrize("clip_method,final_clip_method", [("exact", "exact"),
+                                                           ("alternating", "rescale")])
 def test_each_clip_method_bounds_the_trained_layers(tmp_path, clip_method, final_clip_method):
-    """--clip_method during training and a different --final_clip_method at the
-    end: the run ends on the final method, and every conv of the saved model is
-    within the bound by a power iteration on the layer itself (He init: ~2-4)."""
+    """The non-default --clip_method values during training and non-default
+    --final_clip_method values (each guarantees the bound) at the end: the run
+    ends on the final method, and every conv of the saved model is within the
+    bound by a power iteration on the layer itself (He init: ~2-4). (exact
+    twice: its first trace costs ~20 s, paid once.)"""
     results = _tiny_digits(tmp_path, "run", clip_to=0.5, clip_every=2,
                            clip_method=clip_method, final_clip_method=final_clip_method)
     assert results["final_projection"]["method"] == final_clip_method
