@@ -154,17 +154,24 @@ def test_projection_fn_is_all_or_nothing_on_non_finite_kernels():
     assert np.all(np.isnan(bad.numpy()))
 
 
-def test_clipper_re_estimates_batch_norm_after_each_projection(rng):
-    """After a projection the BN statistics are those of the projected conv: each
-    moving mean/variance is the average over the given batches of the BN input's
-    batch mean/variance, computed here from the projected kernel by hand."""
-    keras.utils.set_random_seed(0)
+def _conv_bn_model(seed, learning_rate):
+    """conv -> BN -> pooling -> dense, compiled: the smallest model whose BN
+    statistics depend on a conv kernel."""
+    keras.utils.set_random_seed(seed)
     model = keras.Sequential([keras.Input((6, 6, 2)),
                               keras.layers.Conv2D(3, 3, padding="same", use_bias=False,
                                                   name="conv"),
                               keras.layers.BatchNormalization(name="bn"),
                               keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
-    model.compile(keras.optimizers.SGD(0.1), "mse")
+    model.compile(keras.optimizers.SGD(learning_rate), "mse")
+    return model
+
+
+def test_clipper_re_estimates_batch_norm_after_each_projection(rng):
+    """After a projection the BN statistics are those of the projected conv: each
+    moving mean/variance is the average over the given batches of the BN input's
+    batch mean/variance, computed here from the projected kernel by hand."""
+    model = _conv_bn_model(seed=0, learning_rate=0.1)
     x, y = rng.standard_normal((12, 6, 6, 2)).astype(np.float32) * 3, np.zeros((12, 2))
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
     bn = model.get_layer("bn")
@@ -192,13 +199,7 @@ def test_precise_batch_norm_validates_with_statistics_of_the_current_weights(rng
     """Validation after an epoch sees BN statistics re-estimated on the training
     batches with the weights as they are: checked from the final kernel by hand,
     and by the logged val_loss equalling a later evaluate (nothing changed since)."""
-    keras.utils.set_random_seed(1)
-    model = keras.Sequential([keras.Input((6, 6, 2)),
-                              keras.layers.Conv2D(3, 3, padding="same", use_bias=False,
-                                                  name="conv"),
-                              keras.layers.BatchNormalization(name="bn"),
-                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
-    model.compile(keras.optimizers.SGD(0.5), "mse")
+    model = _conv_bn_model(seed=1, learning_rate=0.5)
     x = rng.standard_normal((8, 6, 6, 2)).astype(np.float32) * 2 + 1
     y = rng.standard_normal((8, 2)).astype(np.float32)
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)

@@ -165,3 +165,58 @@ def test_missing_data_says_how_to_provide_it(tmp_path, monkeypatch):
     monkeypatch.setattr(cifar_input, "_server_reachable", lambda url: False)
     with pytest.raises(cifar_input.DataUnavailableError, match="(?s)cannot be reached.*--manual_dir"):
         cifar_input.load_split("svhn_cropped", "train", data_dir=empty)
+
+
+def _cifar10_binary_tarball(path, rng, train_per_batch=4, test=6):
+    """cifar-10-binary.tar.gz in the published layout (a label byte, then
+    3x32x32 channel-major pixels, per record); returns {split: (images HWC, labels)}."""
+    import io  # pylint: disable=import-outside-toplevel
+    import tarfile  # pylint: disable=import-outside-toplevel
+    written, members = {"train": ([], []), "test": ([], [])}, {}
+
+    def records(split, n):
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        pixels = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+        written[split][0].append(pixels.transpose(0, 2, 3, 1))
+        written[split][1].append(labels)
+        return np.concatenate([labels[:, None], pixels.reshape(n, -1)], 1).tobytes()
+
+    for i in range(1, 6):
+        members[f"cifar-10-batches-bin/data_batch_{i}.bin"] = records("train", train_per_batch)
+    members["cifar-10-batches-bin/test_batch.bin"] = records("test", test)
+    members["cifar-10-batches-bin/batches.meta.txt"] = "\n".join(
+        ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+         "truck"]).encode() + b"\n"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return {split: (np.concatenate(x), np.concatenate(y)) for split, (x, y) in written.items()}
+
+
+def test_manual_dir_prepares_cifar10_from_the_raw_tarball(tmp_path, rng, monkeypatch):
+    """--manual_dir holding cifar-10-binary.tar.gz: TFDS prepares it into
+    --data_dir offline and every image and label read back is the one written.
+    The tarball is a small stand-in, so TFDS's checksum of the real 162 MiB
+    file is switched off here (only here)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    manager = tfds.download.DownloadManager
+    monkeypatch.setattr(manager, "_register_or_validate_checksums",
+                        lambda self, url, url_info, path: None)
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    written = _cifar10_binary_tarball(str(manual / "cifar-10-binary.tar.gz"), rng)
+    data_dir = str(tmp_path / "tfds")
+    for split in ("train", "test"):
+        dataset, count = cifar_input.load_split("cifar10", split, data_dir=data_dir,
+                                                manual_dir=str(manual), download=False)
+        images, labels = written[split]
+        assert count == len(labels) == {"train": 20, "test": 6}[split]
+        got = sorted((int(label), image.tobytes()) for image, label in dataset.as_numpy_iterator())
+        want = sorted((int(label), image.tobytes()) for image, label in zip(images, labels))
+        assert got == want
+    # Prepared once: readable afterwards without the manual files.
+    (manual / "cifar-10-binary.tar.gz").unlink()
+    _, count = cifar_input.load_split("cifar10", "train", data_dir=data_dir, download=False)
+    assert count == 20

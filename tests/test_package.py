@@ -8,6 +8,14 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def _python(code):
+    """Runs `code` in a fresh interpreter (nothing imported yet); must succeed."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
 def test_import_works_without_matplotlib_tfds_or_absl_flags_parsing():
     # Keras itself imports matplotlib when it is installed, so block it and
     # TFDS outright: the library must not need either.
@@ -19,9 +27,7 @@ def test_import_works_without_matplotlib_tfds_or_absl_flags_parsing():
         "v = tfconvnorm.conv_operator_norm(np.eye(2, dtype='float32')[None, None], (4, 4))\n"
         "assert abs(float(v) - 1.0) < 1e-6, v\n"
         "print('ok')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = _python(code)
     assert result.stdout.strip().endswith("ok")
 
 
@@ -62,8 +68,6 @@ def test_importing_the_tools_defines_no_flags():
             "tfconvnorm.training\n"
             "assert 'checkpoint' not in flags.FLAGS and 'model_dir' not in flags.FLAGS\n"
             "print('ok')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert _python(code).stdout.strip().endswith("ok")
     for binary in ("train.py", "analyze.py"):
         assert len((ROOT / binary).read_text().splitlines()) < 120
