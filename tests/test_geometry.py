@@ -15,7 +15,6 @@ import tensorflow as tf
 
 import tfconvnorm
 from tfconvnorm import geometry
-from tfconvnorm import reference
 
 
 def _mixed_2d_model():
