@@ -297,7 +297,8 @@ def test_each_clip_method_bounds_the_trained_layers(tmp_path, clip_method, final
     --final_clip_method values (each guarantees the bound) at the end: the run
     ends on the final method, and every conv of the saved model is within the
     bound by a power iteration on the layer itself (He init: ~2-4). (exact
-    twice: its first trace costs ~20 s, paid once.)"""
+    twice: Dykstra's iterations from He init cost ~20 s; the final projection
+    starts from the step-2 projection, so it converges at once.)"""
     results = _tiny_digits(tmp_path, "run", clip_to=0.5, clip_every=2,
                            clip_method=clip_method, final_clip_method=final_clip_method)
     assert results["final_projection"]["method"] == final_clip_method
