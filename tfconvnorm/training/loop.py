@@ -177,7 +177,6 @@ class _SessionRecorder(keras.callbacks.Callback):
         train_time = (self._train_time if self._train_time is not None
                       else time.time() - self._epoch_start)
         total = (self.history[-1]["train_time_s"] if self.history else 0.0) + train_time
-        self.history = [h for h in self.history if h["epoch"] < epoch + 1]
         self.history.append(dict(epoch=epoch + 1, step=optimizer_step(self.model),
                                  train_time_s=total, **self.last_logs))
         if self.path:
@@ -310,14 +309,18 @@ def train_and_evaluate(config, model_dir):
         if config.spectra_every_n_epochs:
             callbacks.append(tfcn_callbacks.SpectrumLogger(
                 log_dir, every_n_epochs=config.spectra_every_n_epochs))
+        # Before BackupAndRestore: an epoch is in history.json before the backup
+        # counts it as done, so a run killed between the two redoes the epoch
+        # (its entry is replaced) instead of resuming past it with no entry.
+        recorder = _SessionRecorder(os.path.join(write_dir, HISTORY_FILE))
+        callbacks.append(recorder)
         backup_dir = os.path.join(
             model_dir, BACKUP_DIR + (f"_{worker_suffix}" if worker_suffix else ""))
         callbacks.append(keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True))
         manager = tf.train.CheckpointManager(
             tf.train.Checkpoint(model=model), os.path.join(write_dir, CHECKPOINT_DIR),
             max_to_keep=config.checkpoints_to_keep or None)
-        recorder = _SessionRecorder(os.path.join(write_dir, HISTORY_FILE))
-        callbacks += [_EpochCheckpoint(manager), recorder]
+        callbacks.append(_EpochCheckpoint(manager))
         if config.validation_bn_batches:
             # After the recorder, whose clock stops when validation begins.
             callbacks.append(tfcn_callbacks.PreciseBatchNorm(train_data,
