@@ -33,7 +33,7 @@ SPECTRA_SUBDIR = "spectra"
 _FIGURE_DPI = 80
 
 
-def _check_every(value, argument, allow_none=False):
+def _check_positive_int(value, argument, allow_none=False):
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -180,7 +180,7 @@ class PreciseBatchNorm(keras.callbacks.Callback):
     def __init__(self, dataset, num_batches=DEFAULT_BATCH_NORM_BATCHES):
         super().__init__()
         self.dataset = _check_batch_norm_data(dataset, "dataset", allow_none=False)
-        self.num_batches = _check_batch_norm_batches(num_batches, "num_batches")
+        self.num_batches = _check_positive_int(num_batches, "num_batches")
         self._iterator = None
 
     def on_test_begin(self, logs=None):
@@ -196,12 +196,6 @@ def _check_batch_norm_data(value, argument, allow_none=True):
         return value
     raise TypeError(f"{argument} must be a tf.data.Dataset of (inputs, labels) batches"
                     f"{' or None' if allow_none else ''}, got {type(value).__name__}")
-
-
-def _check_batch_norm_batches(value, argument):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{argument} must be an integer >= 1, got {value!r}")
-    return value
 
 
 class _OperatorCallback(keras.callbacks.Callback):
@@ -285,11 +279,10 @@ class OperatorNormClipper(_OperatorCallback):
                  method=DEFAULT_CLIPPER_METHOD, layers=None, kinds=None, iterations=None,
                  log_norms=True, batch_norm_data=None,
                  batch_norm_batches=DEFAULT_BATCH_NORM_BATCHES, **geometry_kwargs):
-        super().__init__(_check_every(every_n_steps, "every_n_steps"), layers, kinds,
+        super().__init__(_check_positive_int(every_n_steps, "every_n_steps"), layers, kinds,
                          geometry_kwargs)
         self.batch_norm_data = _check_batch_norm_data(batch_norm_data, "batch_norm_data")
-        self.batch_norm_batches = _check_batch_norm_batches(batch_norm_batches,
-                                                            "batch_norm_batches")
+        self.batch_norm_batches = _check_positive_int(batch_norm_batches, "batch_norm_batches")
         self.max_norm = spectral.check_positive(max_norm, "max_norm")
         spectral.check_method(method)
         self.method = method
@@ -440,12 +433,13 @@ class SpectrumLogger(_OperatorCallback):
                  log_image=True, log_bounds=True,
                  bound_iterations=spectral.DEFAULT_POWER_ITERATIONS, log_lipschitz=True,
                  **geometry_kwargs):
-        super().__init__(_check_every(every_n_steps, "every_n_steps", allow_none=True), layers,
-                         kinds, geometry_kwargs)
+        super().__init__(_check_positive_int(every_n_steps, "every_n_steps", allow_none=True),
+                         layers, kinds, geometry_kwargs)
         if not isinstance(log_dir, (str, os.PathLike)) or not str(log_dir):
             raise ValueError(f"`log_dir` must be a path; received log_dir={log_dir!r}.")
         self.log_dir = os.fspath(log_dir)
-        self.every_n_epochs = _check_every(every_n_epochs, "every_n_epochs", allow_none=True)
+        self.every_n_epochs = _check_positive_int(every_n_epochs, "every_n_epochs",
+                                                  allow_none=True)
         self.log_image = log_image
         self.log_bounds = log_bounds
         self.bound_iterations = bound_iterations
