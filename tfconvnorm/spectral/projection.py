@@ -181,25 +181,29 @@ def clip_conv_singular_values_many(kernels, geometries, max_norm, method=DEFAULT
         return [inverse(m, stack.geometry, stack.real_dtype)
                 for stack, m in zip(stacks, clipped)]
 
-    def rescale(ks):
+    def rescale(ks, norms):
         return [k * stack.per_channel(tf.where(n > b, b / n, tf.ones_like(n)))
-                for stack, k, n, b in zip(stacks, ks, norms_of_stacks(stacks, ks), bounds)]
+                for stack, k, n, b in zip(stacks, ks, norms, bounds)]
+
+    def is_inside(norms):
+        return [n <= b * (1 + _INSIDE_RTOL[stack.real_dtype])
+                for stack, n, b in zip(stacks, norms, bounds)]
 
     def finish(stack, k, scale):
         return tf.cast(k * stack.per_channel(scale), stack.out_dtype)
 
+    def keep_inside(ks, inside):
+        # Kernels inside stay the input itself, bit for bit.
+        return [tf.where(stack.per_channel(i), stack.stacked, finish(stack, k, scale))
+                for stack, k, i, scale in zip(stacks, ks, inside, scales)]
+
     if method == "paper":
         results = [finish(*args) for args in zip(stacks, clip_once(works), scales)]
     elif method == "rescale":
-        results = []
-        for stack, k, n, b, scale in zip(stacks, works, _rescale_norms(stacks, works, bounds),
-                                         bounds, scales):
-            inside = n <= b * (1 + _INSIDE_RTOL[stack.real_dtype])
-            shrunk = finish(stack, k * stack.per_channel(b / tf.where(inside, b, n)), scale)
-            results.append(tf.where(stack.per_channel(inside), stack.stacked, shrunk))
+        norms = _rescale_norms(stacks, works, bounds)
+        results = keep_inside(rescale(works, norms), is_inside(norms))
     else:
-        inside = [n <= b * (1 + _INSIDE_RTOL[stack.real_dtype]) for stack, n, b in
-                  zip(stacks, norms_of_stacks(stacks, works), bounds)]
+        inside = is_inside(norms_of_stacks(stacks, works))
 
         def project():
             if method == "alternating":
@@ -215,9 +219,7 @@ def clip_conv_singular_values_many(kernels, geometries, max_norm, method=DEFAULT
                                             stack.real_dtype.name, int(iterations),
                                             float(tolerance))
                     ks.append(run(k, b))
-            # Kernels inside stay the input itself, bit for bit.
-            return [tf.where(stack.per_channel(i), stack.stacked, finish(stack, k, scale))
-                    for stack, k, i, scale in zip(stacks, rescale(ks), inside, scales)]
+            return keep_inside(rescale(ks, norms_of_stacks(stacks, ks)), inside)
 
         all_inside = tf.reduce_all(tf.concat(inside, axis=0))
         results = tf.cond(all_inside, lambda: [tf.identity(s.stacked) for s in stacks], project)
