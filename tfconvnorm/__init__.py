@@ -25,6 +25,7 @@ from tfconvnorm.spectral import (
     clip_conv_singular_values_many,
     conv_operator_norm_bounds,
     conv_operator_norm_bounds_many,
+    conv_operator_norm_upper_bound,
     NormBounds,
     DEFAULT_POWER_ITERATIONS,
     apply_convolution,

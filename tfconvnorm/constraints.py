@@ -13,22 +13,26 @@ built by hand, as in the raw spectral functions) is the published circular
 operator at the layer's input size, which does *not* bound a zero-padded
 layer. `constrain()` always passes the layer's own padding.
 
-XLA: Keras compiles the train step with XLA only when `compile(jit_compile=True)`
+XLA: Keras compiles the train step with XLA when `compile(jit_compile=True)`
 is given, or with `jit_compile="auto"` (the default) on a machine with a GPU.
-The constraint then runs inside XLA, where batched complex `eigh` is far
-slower than in TensorFlow's own kernels (docs/DESIGN.md, "Facts"). Compile
-models that use it with `jit_compile=False`; `constrain()` does so for compiled
-models.
+The default method, "rescale", and the regularizer run on the matmul path
+(`tfconvnorm.spectral.matmul`: a certified Gram-iteration upper bound, static
+shapes), which compiles under XLA. The projection methods ("paper",
+"alternating", "exact") still use batched complex `eigh` and data-dependent
+shapes, which XLA cannot compile; `constrain()` with one of them turns XLA
+off for a compiled model.
 """
 
 import warnings
 
 import keras
+from keras import ops
 import tensorflow as tf
 
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm import spectral
 from tfconvnorm.spectral import check_positive
+from tfconvnorm.spectral import matmul as matmul_lib
 
 #: Kernel layouts a constraint/regularizer accepts (see OperatorNormConstraint).
 LAYOUT_CONV = "conv"
@@ -156,6 +160,19 @@ def _operator_norm(geometry, w):
     return spectral.conv_operator_norm(conv, **geometry.spectral_args(kernel.shape)), dtype
 
 
+def _norm_upper_bound(geometry, w):
+    """(certified upper bound on the norm of the kernel `w` in its own layout, on
+    the matmul path (compiles under XLA); the conv-layout kernel; w's dtype)."""
+    kernel, dtype = spectral.core_tensor(w)
+    # Raises eagerly and in tf.functions; under XLA the check compiles to
+    # nothing and a NaN kernel (already written by the optimizer) stays NaN.
+    kernel = tf.debugging.assert_all_finite(
+        kernel, "kernel has NaN or Inf entries; refusing to constrain it")
+    conv = geometry_lib.to_conv_layout(kernel, geometry.kind())
+    g = matmul_lib.geometry_of(conv.shape, **geometry.spectral_args(kernel.shape))
+    return matmul_lib.norm_upper_bound(conv, g), kernel, dtype
+
+
 @keras.saving.register_keras_serializable(package="tfconvnorm")
 class OperatorNormConstraint(keras.constraints.Constraint):
     """Constrains a convolution's exact operator norm (largest singular value).
@@ -208,8 +225,8 @@ class OperatorNormConstraint(keras.constraints.Constraint):
     ...                                              padding="same"))
 
     `tfconvnorm.constrain(model, 1.0)` attaches these with the right geometry
-    to every layer of a built model. Compile such models with
-    `jit_compile=False` (see the module docstring).
+    to every layer of a built model. With the default method ("rescale") the
+    model may be compiled with XLA (see the module docstring).
     """
 
     def __init__(self, max_norm, input_shape, strides=1, dilation_rate=1, groups=1,
@@ -231,6 +248,12 @@ class OperatorNormConstraint(keras.constraints.Constraint):
     padding = property(lambda self: self._geometry.padding)
 
     def __call__(self, w):
+        if self.method == "rescale":
+            # The matmul path: one certified bound, static shapes (XLA-safe).
+            bound, kernel, dtype = _norm_upper_bound(self._geometry, w)
+            factor = matmul_lib.rescale_factor(kernel, bound,
+                                               ops.cast(self.max_norm, kernel.dtype), dtype)
+            return tf.cast(kernel * factor, dtype)
         kernel, dtype = spectral.core_tensor(w)
         kind = self._geometry.kind()
         conv = geometry_lib.to_conv_layout(kernel, kind)
@@ -244,6 +267,12 @@ class OperatorNormConstraint(keras.constraints.Constraint):
         """The norm this constraint bounds, for the kernel `w` (same layout)."""
         norm, dtype = _operator_norm(self._geometry, w)
         return tf.cast(norm, dtype)
+
+    def norm_upper_bound(self, w):
+        """The certified upper bound on that norm that "rescale" divides by
+        (`tfconvnorm.conv_operator_norm_upper_bound`), in w's dtype."""
+        bound, _, dtype = _norm_upper_bound(self._geometry, w)
+        return tf.cast(bound, dtype)
 
     def get_config(self):
         config = dict(max_norm=self.max_norm, method=self.method, iterations=self.iterations)
@@ -260,9 +289,10 @@ class OperatorNormRegularizer(keras.regularizers.Regularizer):
     """Penalises a convolution's exact operator norm above a threshold.
 
     Adds `weight * max(0, sigma_max - threshold)` to the loss, where
-    `sigma_max` is the norm `OperatorNormConstraint` bounds with the same
-    geometry (with the layer's `padding`: an upper bound on the zero-padded
-    layer's norm). Differentiable; stateless; serializable. Arguments
+    `sigma_max` is the certified upper bound (matmul path, compiles under XLA;
+    within ~1e-3 of the exact norm) on the norm `OperatorNormConstraint`
+    bounds with the same geometry (with the layer's `padding`: an upper bound
+    on the zero-padded layer's norm). Differentiable; stateless; serializable. Arguments
     `input_shape`, `strides`, `dilation_rate`, `groups`, `layout`, `padding`
     and `output_padding` are those of `OperatorNormConstraint`.
 
@@ -290,7 +320,7 @@ class OperatorNormRegularizer(keras.regularizers.Regularizer):
     layout = property(lambda self: self._geometry.layout)
 
     def __call__(self, x):
-        norm, dtype = _operator_norm(self._geometry, x)
+        norm, _, dtype = _norm_upper_bound(self._geometry, x)
         penalty = self.weight * tf.nn.relu(
             norm - tf.cast(tf.constant(self.threshold, tf.float64), norm.dtype))
         return tf.cast(penalty, dtype)
@@ -342,7 +372,9 @@ def constrain(model, max_norm, method=DEFAULT_CONSTRAINT_METHOD, layers=None, ki
     both on the variable
     (used by the optimizer) and on the layer's `*_constraint` attribute (saved
     with the model). A compiled model's train function is reset so the next
-    `fit` uses them, and XLA is turned off for it (see the module docstring).
+    `fit` uses them; with a projection method ("paper", "alternating",
+    "exact") XLA is turned off for it (see the module docstring); the default
+    "rescale" compiles under XLA.
     Like any Keras constraint, they act after each optimizer step; pass
     `apply_now=True` to also project the current kernels at once.
 
@@ -387,7 +419,7 @@ def constrain(model, max_norm, method=DEFAULT_CONSTRAINT_METHOD, layers=None, ki
     if getattr(model, "compiled", False):
         # The cached train function was traced without the constraints.
         model.train_function = None
-        if model.jit_compile:
+        if model.jit_compile and method != "rescale":
             warnings.warn(
                 f"constrain(): turning off XLA (jit_compile) for model '{model.name}': "
                 "the projection's batched complex eigh is much slower under XLA.",

@@ -52,10 +52,14 @@ or the layer's own ("same", "valid", "causal", explicit pads), in which case
 the circular operator on N is decomposed, and its spectrum bounds the
 layer's entry by entry (`bounds` adds certified lower bounds).
 
+The training-time path (`matmul`): a certified upper bound on the operator
+norm from Gram iteration, matmuls with static shapes in `keras.ops`, which
+compiles under XLA; the default constraint and the regularizer use it.
+
 The modules, in the order data flows through them: `padding` (zero-padded
 layer -> circular size N), `operator` (validated geometry, per-axis DFT
 factors), `transforms` (kernel <-> per-frequency matrices), `linalg`
-(decompositions, bounds, the clip), `pooling` (many kernels, one op per
+(decompositions, bounds, the clip), `matmul` (the XLA-safe bound), `pooling` (many kernels, one op per
 matrix size), and the public functions in `spectra`, `projection` and
 `bounds`.
 
@@ -72,6 +76,7 @@ from tfconvnorm.spectral.bounds import (
     conv_operator_norm_bounds,
     conv_operator_norm_bounds_many,
 )
+from tfconvnorm.spectral.matmul import conv_operator_norm_upper_bound
 from tfconvnorm.spectral.padding import CIRCULAR, PADDING_MODES, CircularEmbedding, circular_embedding
 from tfconvnorm.spectral.projection import (
     DEFAULT_METHOD,
@@ -111,4 +116,5 @@ __all__ = [
     "apply_convolution",
     "conv_operator_norm_bounds",
     "conv_operator_norm_bounds_many",
+    "conv_operator_norm_upper_bound",
 ]

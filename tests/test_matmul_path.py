@@ -1,0 +1,163 @@
+"""The training-time path (`tfconvnorm.spectral.matmul`): a certified upper bound
+from matmuls with static shapes, checked against the exact `eigh` path and the
+explicit matrices, and the default constraint inside XLA-compiled `fit`."""
+
+import pathlib
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfconvnorm
+from tfconvnorm import geometry, reference
+from tfconvnorm.constraints import OperatorNormConstraint
+
+import oracles
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+# (kernel shape, input size, strides, dilation, groups, padding)
+GRID = [
+    ((3, 3, 16, 16), 32, 1, 1, 1, "same"),
+    ((3, 3, 64, 64), 8, 1, 1, 1, "same"),
+    ((3, 3, 16, 32), 32, 2, 1, 1, "same"),
+    ((3, 3, 4, 8), 7, 2, 1, 1, "same"),     # strided 'same' on an odd size
+    ((3, 3, 4, 6), 9, 1, 1, 1, "valid"),
+    ((3, 3, 3, 4), 9, 1, 2, 1, "same"),     # dilated
+    ((3, 3, 2, 6), 8, 1, 1, 3, "same"),     # grouped
+    ((5, 5, 2, 2), 3, 1, 1, 1, "circular"),  # folded taps: input smaller than the kernel
+    ((3, 4, 2), 7, 1, 1, 1, "causal"),
+    ((3, 3, 3, 2, 3), 5, 1, 1, 1, "same"),
+    ((1, 1, 16, 32), 8, 1, 1, 1, "same"),
+    ((7, 5), (), 1, 1, 1, "circular"),       # Dense
+    ((3, 3, 1, 8), 9, 2, 1, 1, "same"),      # one input channel: rows or columns
+]
+
+
+@pytest.mark.parametrize("shape,size,strides,dilation,groups,padding", GRID)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bound_is_never_below_the_exact_norm_and_is_tight(shape, size, strides, dilation,
+                                                          groups, padding, dtype, rng):
+    args = dict(input_shape=size, strides=strides, dilation_rate=dilation, groups=groups,
+                padding=padding)
+    for kernel in (rng.standard_normal(shape),
+                   # every frequency with the same top: the worst case for selection
+                   np.ones(shape) + 1e-3 * rng.standard_normal(shape)):
+        exact = float(tfconvnorm.conv_operator_norm(tf.constant(kernel), **args))
+        compiled = tf.function(lambda k: tfconvnorm.conv_operator_norm_upper_bound(k, **args),
+                               jit_compile=True)
+        bound = float(compiled(tf.constant(kernel.astype(dtype))))
+        # As computed, in the user's dtype, against the float64 exact norm.
+        assert exact <= bound <= exact * 1.01, (exact, bound)
+
+
+def test_bound_against_the_explicit_matrix_of_a_padded_layer(rng):
+    kernel = rng.standard_normal((3, 3, 3, 4))
+    matrix = reference.explicit_padded_operator_matrix(kernel, (7, 7), (2, 2), (1, 1), 1, "same")
+    bound = float(tfconvnorm.conv_operator_norm_upper_bound(
+        tf.constant(kernel, tf.float32), 7, strides=2, padding="same"))
+    assert bound >= np.linalg.norm(matrix, 2)
+
+
+def test_bound_is_scale_free_and_zero_for_zero():
+    zero = float(tfconvnorm.conv_operator_norm_upper_bound(tf.zeros((3, 3, 2, 2)), 6))
+    assert 0.0 <= zero <= 1e-12
+    kernel = np.random.default_rng(1).standard_normal((3, 3, 2, 2))
+    for scale in (1e-30, 1e30):
+        exact = float(tfconvnorm.conv_operator_norm(tf.constant(kernel * scale), 6))
+        bound = float(tfconvnorm.conv_operator_norm_upper_bound(
+            tf.constant(kernel * scale, tf.float32), 6))
+        assert np.isfinite(bound) and exact <= bound <= exact * 1.01
+
+
+def test_rescale_keeps_a_kernel_inside_unchanged_and_lands_on_the_bound(rng):
+    constraint = OperatorNormConstraint(1.0, input_shape=8, padding="same")
+    kernel = tf.constant(rng.standard_normal((3, 3, 4, 4)).astype(np.float32))
+    once = constraint(kernel)
+    exact = float(tfconvnorm.conv_operator_norm(tf.cast(once, tf.float64), 8, padding="same"))
+    assert 0.99 <= exact <= 1.0
+    np.testing.assert_array_equal(constraint(once), once)  # idempotent
+    small = kernel * 1e-3
+    np.testing.assert_array_equal(constraint(small), small)
+    assert float(constraint.norm_upper_bound(once)) <= 1.0
+
+
+def _every_kind_model():
+    init = keras.initializers.RandomNormal(stddev=1.0)
+    seq_in = keras.Input((15, 3))
+    s = keras.layers.Conv1D(4, 3, padding="causal", kernel_initializer=init, use_bias=False, name="c1")(seq_in)
+    s = keras.layers.Conv1D(4, 3, strides=2, padding="same", kernel_initializer=init,
+                            use_bias=False, name="c1s")(s)
+    s = keras.layers.GlobalAveragePooling1D()(s)
+    img = keras.Input((11, 11, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", kernel_initializer=init,
+                            use_bias=False, name="strided")(img)
+    x = keras.layers.Conv2D(8, 3, padding="valid", kernel_initializer=init, use_bias=False, name="valid")(x)
+    x = keras.layers.Conv2D(8, 3, dilation_rate=2, padding="same", kernel_initializer=init,
+                            use_bias=False, name="dilated")(x)
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same",
+                                     depthwise_initializer=init, use_bias=False, name="depthwise")(x)
+    x = keras.layers.SeparableConv2D(8, 3, strides=2, padding="same", depthwise_initializer=init,
+                                     pointwise_initializer=init, use_bias=False, name="separable")(x)
+    x = keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same", kernel_initializer=init,
+                                     use_bias=False, name="transposed")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    vol = keras.Input((6, 6, 6, 2))
+    v = keras.layers.Conv3D(4, 3, padding="same", kernel_initializer=init, use_bias=False, name="c3")(vol)
+    v = keras.layers.GlobalAveragePooling3D()(v)
+    x = keras.layers.Concatenate()([s, x, v])
+    out = keras.layers.Dense(3, kernel_initializer=init, use_bias=False, name="dense")(x)
+    return keras.Model([seq_in, img, vol], out)
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_constrain_then_compile_with_and_without_xla_keeps_every_real_layer_bounded(
+        jit_compile, rng):
+    model = _every_kind_model()
+    operators = geometry.model_geometry(model)
+    assert max(oracles.true_norm(op) for op in operators) > 1.0  # work to do
+    tfconvnorm.constrain(model, 0.5)
+    model.compile(keras.optimizers.SGD(0.05), "mse", jit_compile=jit_compile)
+    data = [rng.standard_normal((16, 15, 3)), rng.standard_normal((16, 11, 11, 3)),
+            rng.standard_normal((16, 6, 6, 6, 2))]
+    model.fit(data, rng.standard_normal((16, 3)), batch_size=8, epochs=1, verbose=0)
+    assert model.jit_compile == jit_compile  # constrain() left XLA as the user set it
+    for op in operators:
+        # The Keras layer itself on every basis vector, in float64.
+        layer = op.layer
+        parts = oracles.keras_part_matrices(layer, tuple(layer.input.shape[1:]))
+        attribute = op.name.split("/")[-1]
+        matrix = parts[attribute][0]
+        assert np.linalg.norm(matrix, 2) <= 0.5, op.name
+
+
+def test_regularizer_compiles_under_xla_and_penalises_the_bound(rng):
+    kernel = tf.Variable(rng.standard_normal((3, 3, 2, 3)).astype(np.float32))
+    regularizer = tfconvnorm.OperatorNormRegularizer(2.0, input_shape=6, threshold=0.5,
+                                                     padding="same")
+    exact = float(tfconvnorm.conv_operator_norm(tf.cast(kernel, tf.float64), 6, padding="same"))
+
+    @tf.function(jit_compile=True)
+    def penalty_and_gradient():
+        with tf.GradientTape() as tape:
+            penalty = regularizer(kernel)
+        return penalty, tape.gradient(penalty, kernel)
+
+    penalty, gradient = penalty_and_gradient()
+    assert 2 * (exact - 0.5) <= float(penalty) <= 2 * (exact * 1.01 - 0.5)
+    assert np.all(np.isfinite(gradient.numpy())) and np.any(gradient.numpy() != 0)
+
+
+def test_keras_file_written_by_the_eigh_path_loads_and_constrains(rng):
+    # Written at commit 7057c1a (before the matmul path) by the same model code.
+    model = keras.models.load_model(DATA / "constrained_pre_matmul.keras")
+    operators = geometry.model_geometry(model)
+    constraints = {op.name: op.variable.constraint for op in operators}
+    assert all(isinstance(c, OperatorNormConstraint) for c in constraints.values())
+    assert constraints["dense/kernel"].method == "paper"
+    model.compile(keras.optimizers.SGD(0.05), "mse", jit_compile=False)
+    model.fit([rng.standard_normal((8, 16, 3)), rng.standard_normal((8, 16, 16, 3))],
+              rng.standard_normal((8, 3)), epochs=1, verbose=0)
+    for op in operators:
+        assert oracles.true_norm(op) <= 0.5 * (1 + 1e-4), op.name
