@@ -75,7 +75,7 @@ def step_times(rounds, steps, batch=128):
 def bound_ratios(model):
     ratios = []
     for op in geometry.model_geometry(model, kinds=tfconvnorm.CONV_KINDS):
-        kernel = op.to_spectral(op.variable.numpy())
+        kernel = np.asarray(op.to_spectral(op.variable.numpy()))
         args = op.geometry.spectral_kwargs()
         exact = float(tfconvnorm.conv_operator_norm(kernel.astype(np.float64), **args))
         bound = float(tfconvnorm.conv_operator_norm_upper_bound(kernel.astype(np.float32),
