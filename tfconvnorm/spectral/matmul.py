@@ -35,7 +35,7 @@ import keras
 from keras import ops
 import numpy as np
 
-from tfconvnorm.spectral.operator import Geometry
+from tfconvnorm.spectral.operator import Geometry, prepare_kernel
 
 #: Squarings of every frequency's Gram matrix (the coarse bounds).
 _SCREEN_SQUARINGS = 3
@@ -202,25 +202,21 @@ def norm_upper_bound(kernel, geometry, u=None):
                      ops.zeros_like(s0), 0, n, u)
     for _ in range(_SCREEN_SQUARINGS):
         powers = powers.squared()
-    coarse = powers.bound()
-    batch = int(real.shape[0])
-    if batch <= _REFINED:
+    if int(real.shape[0]) <= _REFINED:
         for _ in range(_REFINE_SQUARINGS):
             powers = powers.squared()
         lam = powers.bound() * s0
-        gram_error = 3 * _gamma(2 * inner, u) * trace
     else:
         # The refined matrices: the largest coarse bounds (times s0: the
         # bound on lambda_max(G) itself). The rest keep their coarse bound.
-        coarse_lam = coarse * s0
-        values, indices = ops.top_k(coarse_lam, _REFINED + 1)
+        values, indices = ops.top_k(powers.bound() * s0, _REFINED + 1)
         refined = powers.take(indices[:_REFINED])
         for _ in range(_REFINE_SQUARINGS):
             refined = refined.squared()
         lam = ops.concatenate([refined.bound() * ops.take(s0, indices[:_REFINED]),
                                values[_REFINED:]])
-        # The Gram matrix's rounding, added for every matrix (largest trace).
-        gram_error = 3 * _gamma(2 * inner, u) * trace
+    # The Gram matrix's rounding, added for every matrix (largest trace).
+    gram_error = 3 * _gamma(2 * inner, u) * trace
     lam = lam * (1 + 4 * u)
     top = ops.max(lam) + ops.max(gram_error) * (1 + 2 * u)
     sigma = ops.sqrt(top) * (1 + 2 * u)
@@ -244,7 +240,7 @@ def conv_operator_norm_upper_bound(kernel, input_shape, strides=1, dilation_rate
     allowances added outward; see `tfconvnorm.spectral.matmul`). Typically
     within 1% of the exact norm (BENCHMARKS.md).
     """
-    kernel = ops.convert_to_tensor(kernel)
+    kernel = prepare_kernel(kernel)
     dtype = work_dtype(kernel.dtype)
     geometry = geometry_of(kernel.shape, input_shape=input_shape, strides=strides,
                            dilation_rate=dilation_rate, groups=groups, padding=padding)
