@@ -72,6 +72,37 @@ def step_times(rounds, steps, batch=128):
     return rows
 
 
+def clipper_cost(rounds, steps, batch=128, every=100):
+    """`OperatorNormClipper(1.0, every_n_steps=1)` (the paper's clip, norms
+    logged: the defaults) inside `fit` against plain `fit`, XLA on and off: the
+    cost of one clip as users run it, and that cost spread over `every`
+    steps (the paper's protocol: every 100)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch * steps, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, batch * steps)
+    rows = {}
+    for jit in (True, False):
+        models = {clip: _model(False, jit) for clip in (False, True)}
+        clippers = {False: [], True: [tfconvnorm.OperatorNormClipper(1.0, every_n_steps=1)]}
+        for clip, model in models.items():
+            model.fit(x[:batch * 2], y[:batch * 2], batch_size=batch, epochs=1, verbose=0,
+                      callbacks=clippers[clip])
+        medians = {False: [], True: []}
+        for _ in range(rounds):
+            for clip, model in models.items():
+                timer = _StepTimes()  # last: its batch end comes after the clipper's
+                model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
+                          callbacks=clippers[clip] + [timer])
+                medians[clip].append(float(np.median(timer.times[1:])))
+        plain, clipped = (float(np.median(medians[c])) for c in (False, True))
+        mode = "xla" if jit else "no_xla"
+        rows[f"plain_step_s_{mode}"] = plain
+        rows[f"step_with_clip_s_{mode}"] = clipped
+        rows[f"one_clip_over_step_{mode}"] = (clipped - plain) / plain
+        rows[f"clip_every_{every}_overhead_{mode}"] = (clipped - plain) / (every * plain)
+    return rows
+
+
 def bound_ratios(model):
     ratios = []
     for op in geometry.model_geometry(model, kinds=tfconvnorm.CONV_KINDS):

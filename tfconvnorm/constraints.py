@@ -13,17 +13,14 @@ built by hand, as in the raw spectral functions) is the published circular
 operator at the layer's input size, which does *not* bound a zero-padded
 layer. `constrain()` always passes the layer's own padding.
 
-XLA: Keras compiles the train step with XLA when `compile(jit_compile=True)`
-is given, or with `jit_compile="auto"` (the default) on a machine with a GPU.
-The default method, "rescale", and the regularizer run on the matmul path
-(`tfconvnorm.spectral.matmul`: a certified Gram-iteration upper bound, static
-shapes), which compiles under XLA. The projection methods ("paper",
-"alternating", "exact") still use batched complex `eigh` and data-dependent
-shapes, which XLA cannot compile; `constrain()` with one of them turns XLA
-off for a compiled model.
+XLA and other backends: Keras compiles the train step with XLA when
+`compile(jit_compile=True)` is given, or with `jit_compile="auto"` (the
+default) on a machine with a GPU. Every method of the constraint and the
+regularizer runs on the matmul path (`tfconvnorm.spectral.matmul`: a
+certified Gram-iteration upper bound and the clip by Newton-Schulz
+iterations, static shapes), which compiles under XLA; `constrain()` leaves
+the model's `jit_compile` as it is.
 """
-
-import warnings
 
 import keras
 from keras import ops
@@ -178,12 +175,13 @@ def _norm_upper_bound(geometry, w):
 class OperatorNormConstraint(keras.constraints.Constraint):
     """Constrains a convolution's exact operator norm (largest singular value).
 
-    After each optimizer step Keras replaces the kernel by its projection onto
-    {kernels of this shape whose operator has norm <= `max_norm`}, computed
-    from the exact spectrum (Sedghi et al., ICLR 2019). With the layer's own
-    `padding` the operator is the circular convolution on the embedding size
-    N that contains the zero-padded layer, so the layer's own norm is within
-    the bound afterwards. Stateless; serializable.
+    After each optimizer step Keras replaces the kernel by a kernel of the same
+    shape whose operator has norm <= `max_norm` (Sedghi et al., ICLR 2019).
+    With the layer's own `padding` the operator is the circular convolution
+    on the embedding size N that contains the zero-padded layer, so the
+    layer's own norm is within the bound afterwards. Stateless; serializable.
+    Runs on the matmul path (certified upper bound, Newton-Schulz clip; see
+    `tfconvnorm.spectral.matmul`): compiles under XLA.
 
     Kernel layouts (`layout`):
       * "conv": `(*kernel_size, in_channels // groups, filters)`, as Conv1D/2D/3D,
@@ -212,9 +210,15 @@ class OperatorNormConstraint(keras.constraints.Constraint):
       output_padding: the transposed layer's `output_padding` (layout
         "conv_transpose" only), which with a zero padding fixes its output
         size.
-      method: "alternating" (default, guarantees the bound), "paper" (the
-        published single clip) or "exact" (Euclidean projection); see
-        `tfconvnorm.clip_conv_singular_values`.
+      method: "rescale" (default: divide by the certified upper bound where
+        it exceeds `max_norm`, like `keras.constraints.MaxNorm`; a kernel
+        inside comes back unchanged), "alternating" (clip and cut back a few
+        times, then the certified rescale), "exact" (the Euclidean
+        projection by Dykstra's loop, then the certified rescale) or "paper"
+        (the published single clip, which does not guarantee the bound); see
+        `tfconvnorm.clip_conv_singular_values`, the exact `eigh` version of
+        the same projections. The bound holds as computed for every method
+        but "paper".
       iterations: rounds for "alternating" / cap for "exact" (None: default).
       layout: "conv", "depthwise" or "conv_transpose", as above.
 
@@ -226,8 +230,8 @@ class OperatorNormConstraint(keras.constraints.Constraint):
     ...                                              padding="same"))
 
     `tfconvnorm.constrain(model, 1.0)` attaches these with the right geometry
-    to every layer of a built model. With the default method ("rescale") the
-    model may be compiled with XLA (see the module docstring).
+    to every layer of a built model. The model may be compiled with XLA (see
+    the module docstring).
     """
 
     def __init__(self, max_norm, input_shape, strides=1, dilation_rate=1, groups=1,
@@ -249,20 +253,18 @@ class OperatorNormConstraint(keras.constraints.Constraint):
     padding = property(lambda self: self._geometry.padding)
 
     def __call__(self, w):
-        if self.method == "rescale":
-            # The matmul path: one certified bound, static shapes (XLA-safe).
-            bound, kernel, dtype = _norm_upper_bound(self._geometry, w)
-            factor = matmul_lib.rescale_factor(kernel, bound,
-                                               ops.cast(self.max_norm, kernel.dtype), dtype)
-            return tf.cast(kernel * factor, dtype)
+        # The matmul path for every method: static shapes, compiles under XLA.
         kernel, dtype = spectral.core_tensor(w)
+        # The core's finiteness check: raises eagerly and in tf.functions;
+        # under XLA it compiles to nothing and a NaN kernel (already written
+        # by the optimizer) stays NaN.
+        kernel = prepare_kernel(kernel)
         kind = self._geometry.kind()
         conv = geometry_lib.to_conv_layout(kernel, kind)
-        clipped = spectral.clip_conv_singular_values(
-            conv, max_norm=self.max_norm, method=self.method, iterations=self.iterations,
-            **self._geometry.spectral_args(kernel.shape))
-        clipped = geometry_lib.from_conv_layout(clipped, kind, kernel.shape)
-        return tf.cast(clipped, dtype)
+        g = matmul_lib.geometry_of(conv.shape, **self._geometry.spectral_args(kernel.shape))
+        projected = matmul_lib.project(conv, g, self.max_norm, self.method, self.iterations,
+                                       out_dtype=dtype)
+        return geometry_lib.from_conv_layout(projected, kind, kernel.shape)
 
     def operator_norm(self, w):
         """The norm this constraint bounds, for the kernel `w` (same layout)."""
@@ -370,12 +372,10 @@ def constrain(model, max_norm, method=DEFAULT_CONSTRAINT_METHOD, layers=None, ki
     Each kernel gets a constraint with its own geometry (input size read from
     the model, strides, dilation, groups, layout, and the layer's own
     padding, so that the bound holds for the layer the model computes), set
-    both on the variable
-    (used by the optimizer) and on the layer's `*_constraint` attribute (saved
-    with the model). A compiled model's train function is reset so the next
-    `fit` uses them; with a projection method ("paper", "alternating",
-    "exact") XLA is turned off for it (see the module docstring); the default
-    "rescale" compiles under XLA.
+    both on the variable (used by the optimizer) and on the layer's
+    `*_constraint` attribute (saved with the model). A compiled model's train
+    function is reset so the next `fit` uses them; its `jit_compile` is left
+    as it is (every method compiles under XLA).
     Like any Keras constraint, they act after each optimizer step; pass
     `apply_now=True` to also project the current kernels at once.
 
@@ -420,10 +420,4 @@ def constrain(model, max_norm, method=DEFAULT_CONSTRAINT_METHOD, layers=None, ki
     if getattr(model, "compiled", False):
         # The cached train function was traced without the constraints.
         model.train_function = None
-        if model.jit_compile and method != "rescale":
-            warnings.warn(
-                f"constrain(): turning off XLA (jit_compile) for model '{model.name}': "
-                "the projection's batched complex eigh is much slower under XLA.",
-                stacklevel=2)
-            model.jit_compile = False
     return attached
