@@ -278,7 +278,9 @@ def rescale_factor(kernel, bound, max_norm, out_dtype):
     u = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11,
          "bfloat16": 2.0 ** -8}.get(str(out_dtype).split(".")[-1], 2.0 ** -24)
     taps = int(np.prod(kernel.shape[:-2])) if len(kernel.shape) > 2 else 1
-    frobenius = ops.sqrt(ops.sum(ops.square(kernel)))
+    # Scaled by max|k|: the sum of squares of a huge kernel overflows.
+    peak = ops.maximum(ops.max(ops.abs(kernel)), 1e-30)
+    frobenius = ops.sqrt(ops.sum(ops.square(kernel / peak))) * peak
     padded = bound + (u * math.sqrt(taps)) * frobenius
     return ops.where(bound <= max_norm, ops.ones_like(bound),
                      max_norm / ops.maximum(padded, 1e-30) * (1 - 4 * u))
@@ -298,8 +300,9 @@ def rescale_factor(kernel, bound, max_norm, out_dtype):
 # down to 1 / beta only. The schedules below converge from 1e-3 (polar:
 # kernels up to 1000x over the bound) and 1e-4 (sign); measured against
 # `eigh`, the clipped kernels agree to about 1e-6 relative in float32
-# (tests/test_matmul_path.py). Whatever the accuracy, the methods that
-# promise the bound end with the certified rescale.
+# (tests/test_matmul_path.py). A kernel further above the bound (a diverged
+# run) gets a clip that is not the projection's; whatever the accuracy, the
+# methods that promise the bound end with the certified rescale.
 
 #: Squarings of every frequency in the certified bound after a projection
 #: (clipped tops tie: with multiplicity 512 the bound is 0.04% over).
@@ -372,14 +375,16 @@ def clip_parts(real, imag):
     w = (real, imag)
     eye = ops.eye(n, dtype=real.dtype)
     # beta >= sigma_max (an estimate, 1% over: it needs not be certified),
-    # from 3 Gram squarings.
-    gram = _gram(real, imag)
+    # from 3 Gram squarings of W / max|W| (the Gram matrix of a matrix far
+    # above the bound would overflow).
+    peak = ops.maximum(ops.max(ops.maximum(ops.abs(real), ops.abs(imag)), axis=(-2, -1)), 1e-30)
+    gram = _gram(real / peak[:, None, None], imag / peak[:, None, None])
     s0 = ops.maximum(_frobenius(*gram), 1e-30)
     powers = _Powers(gram[0] / s0[:, None, None], gram[1] / s0[:, None, None],
                      ops.zeros_like(s0), 0, n, 0.0)
     for _ in range(3):
         powers = powers.squared()
-    beta = ops.maximum(ops.sqrt(powers.bound() * s0) * 1.01, 1.0)[:, None, None]
+    beta = ops.maximum(ops.sqrt(powers.bound() * s0) * peak * 1.01, 1.0)[:, None, None]
     # Polar factor Q of W / beta (singular values in [0, 1]).
     def polar_step(alpha, q):
         return _cmatmul(q, _newton_schulz_factor(_gram(*q), alpha, eye))
@@ -465,7 +470,7 @@ def project(kernel, geometry, max_norm, method, iterations=None, tolerance=1e-7,
     bound holds as computed whatever the iterations' accuracy; a kernel
     whose certified bound is already within `max_norm` comes back unchanged.
     "paper" is the published single clip and cut back, as on the `eigh` path
-    (no guarantee).
+    (no guarantee); a kernel certified inside comes back unchanged.
     """
     # Imported here: projection.py imports TensorFlow at module level.
     from tfconvnorm.spectral import projection  # pylint: disable=import-outside-toplevel
@@ -484,7 +489,12 @@ def project(kernel, geometry, max_norm, method, iterations=None, tolerance=1e-7,
     work = kernel / scale
     bound = max_norm / scale
     if method == "paper":
-        return ops.cast(_clip_kernel(work, g, bound) * scale, out_dtype)
+        # Inside, the clip and the cut back are the identity; computed, the
+        # clip's formula keeps singular values far below the bound only to
+        # about u times the bound (a kernel 1e-30 of the bound would lose
+        # every digit), so a kernel certified inside is returned as it is.
+        return ops.cond(norm_upper_bound(work, g) <= bound, lambda: ops.cast(kernel, out_dtype),
+                        lambda: ops.cast(_clip_kernel(work, g, bound) * scale, out_dtype))
     if method == "rescale":
         return ops.cast(kernel * rescale_factor(kernel, norm_upper_bound(kernel, g), max_norm,
                                                 out_dtype), out_dtype)
