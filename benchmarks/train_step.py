@@ -8,7 +8,9 @@ time from a callback, warm-up batches dropped) for plain / constrained models,
 XLA on / off, in interleaved rounds (this CPU's step time drifts from round to
 round, so only medians over rounds of one run are compared); and per layer the
 ratio of `conv_operator_norm_upper_bound` (float32) to the exact float64 norm on
-ResNet-32 and MobileNetV2 (He init).
+ResNet-32 and MobileNetV2 (He init); one clip of ResNet-32's convs on the
+clipper's `eigh` path and on the constraint's matmul path; and
+`OperatorNormClipper` inside `fit` (one clip per step) against plain `fit`.
 """
 
 import argparse
@@ -20,6 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 import tfconvnorm
+from tfconvnorm import callbacks as callbacks_lib
+from tfconvnorm import constraints as constraints_lib
 from tfconvnorm import geometry
 from benchmarks.workloads import resnet32_model
 
@@ -73,33 +77,69 @@ def step_times(rounds, steps, batch=128):
 
 
 def clipper_cost(rounds, steps, batch=128, every=100):
-    """`OperatorNormClipper(1.0, every_n_steps=1)` (the paper's clip, norms
-    logged: the defaults) inside `fit` against plain `fit`, XLA on and off: the
-    cost of one clip as users run it, and that cost spread over `every`
-    steps (the paper's protocol: every 100)."""
+    """`OperatorNormClipper(1.0, every_n_steps=1)` (the paper's clip) inside
+    `fit` against plain `fit`, XLA on and off, with the norms logged (the
+    default) and without: the cost of one clip as users run it, and that cost
+    spread over `every` steps (the paper's protocol: every 100)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch * steps, 32, 32, 3)).astype(np.float32)
     y = rng.integers(0, 10, batch * steps)
+    variants = {"plain": None, "clip": True, "clip_no_log": False}
     rows = {}
     for jit in (True, False):
-        models = {clip: _model(False, jit) for clip in (False, True)}
-        clippers = {False: [], True: [tfconvnorm.OperatorNormClipper(1.0, every_n_steps=1)]}
-        for clip, model in models.items():
+        models = {name: _model(False, jit) for name in variants}
+        callbacks = {name: ([] if log is None else
+                            [tfconvnorm.OperatorNormClipper(1.0, every_n_steps=1, log_norms=log)])
+                     for name, log in variants.items()}
+        for name, model in models.items():
             model.fit(x[:batch * 2], y[:batch * 2], batch_size=batch, epochs=1, verbose=0,
-                      callbacks=clippers[clip])
-        medians = {False: [], True: []}
+                      callbacks=callbacks[name])
+        medians = {name: [] for name in variants}
         for _ in range(rounds):
-            for clip, model in models.items():
+            for name, model in models.items():
                 timer = _StepTimes()  # last: its batch end comes after the clipper's
                 model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
-                          callbacks=clippers[clip] + [timer])
-                medians[clip].append(float(np.median(timer.times[1:])))
-        plain, clipped = (float(np.median(medians[c])) for c in (False, True))
+                          callbacks=callbacks[name] + [timer])
+                medians[name].append(float(np.median(timer.times[1:])))
         mode = "xla" if jit else "no_xla"
+        plain = float(np.median(medians["plain"]))
         rows[f"plain_step_s_{mode}"] = plain
-        rows[f"step_with_clip_s_{mode}"] = clipped
-        rows[f"one_clip_over_step_{mode}"] = (clipped - plain) / plain
-        rows[f"clip_every_{every}_overhead_{mode}"] = (clipped - plain) / (every * plain)
+        for name in ("clip", "clip_no_log"):
+            step = float(np.median(medians[name]))
+            rows[f"step_with_{name}_s_{mode}"] = step
+            rows[f"one_{name}_over_step_{mode}"] = (step - plain) / plain
+            rows[f"{name}_every_{every}_overhead_{mode}"] = (step - plain) / (every * plain)
+    return rows
+
+
+def clip_paths(repeats=5):
+    """One clip ("paper") of all 34 ResNet-32 convs: the clipper's pooled `eigh`
+    call (not XLA) against the constraint's matmul path (`project` per kernel,
+    one XLA-compiled function); median of `repeats` warm calls, first call
+    (trace and compile) reported apart."""
+    model = resnet32_model(0)
+    operators = geometry.model_geometry(model, kinds=tfconvnorm.CONV_KINDS)
+    eigh = callbacks_lib.make_projection_fn(operators, 1.0, "paper", compute_norms=False)
+    constraints = [constraints_lib.constraint_for(op, 1.0, "paper") for op in operators]
+
+    @tf.function(jit_compile=True)
+    def matmul():
+        return [c(op.variable) for c, op in zip(constraints, operators)]
+
+    rows = {}
+    # The matmul path first: it assigns nothing, while the clipper's call
+    # clips the variables (the matmul path returns kernels inside unchanged).
+    for name, fn in (("matmul_xla", matmul), ("eigh_pooled_no_xla", eigh)):
+        start = time.perf_counter()
+        fn()
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = fn()
+            tf.nest.map_structure(lambda t: t.numpy(), out)
+            times.append(time.perf_counter() - start)
+        rows[name] = dict(first_call_s=first, median_s=float(np.median(times)))
     return rows
 
 
@@ -121,12 +161,16 @@ def main():
     parser.add_argument("--json", default=None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--skip_clipper", action="store_true",
+                        help="leave out the clipper rows (the longest part)")
     args = parser.parse_args()
     results = dict(
         bound_ratio_resnet32=bound_ratios(resnet32_model(0)),
         bound_ratio_mobilenetv2=bound_ratios(keras.applications.MobileNetV2(
             input_shape=(96, 96, 3), weights=None)),
         step=step_times(args.rounds, args.steps),
+        clip_paths=clip_paths(),
+        clipper=None if args.skip_clipper else clipper_cost(args.rounds, args.steps),
         tensorflow=tf.__version__, keras=keras.__version__,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     text = json.dumps(results, indent=1)

@@ -23,7 +23,6 @@ the model's `jit_compile` as it is.
 """
 
 import keras
-from keras import ops
 import tensorflow as tf
 
 from tfconvnorm import geometry as geometry_lib
@@ -252,6 +251,10 @@ class OperatorNormConstraint(keras.constraints.Constraint):
     layout = property(lambda self: self._geometry.layout)
     padding = property(lambda self: self._geometry.padding)
 
+    # Not converted by AutoGraph inside a user's tf.function: the matmul path
+    # has its loops and branches as ops already, and AutoGraph once mixed up
+    # its functions (a converted `geometry_of` called as `norm_upper_bound`).
+    @tf.autograph.experimental.do_not_convert
     def __call__(self, w):
         # The matmul path for every method: static shapes, compiles under XLA.
         kernel, dtype = spectral.core_tensor(w)
@@ -322,6 +325,7 @@ class OperatorNormRegularizer(keras.regularizers.Regularizer):
     input_shape = property(lambda self: self._geometry.input_shape)
     layout = property(lambda self: self._geometry.layout)
 
+    @tf.autograph.experimental.do_not_convert  # as OperatorNormConstraint.__call__
     def __call__(self, x):
         norm, _, dtype = _norm_upper_bound(self._geometry, x)
         penalty = self.weight * tf.nn.relu(

@@ -1,12 +1,13 @@
 """The training-time path: a certified operator-norm upper bound from matmuls only.
 
-What runs inside a train step (the default `rescale` constraint, the
+What runs inside a train step (the constraint with every method, the
 regularizer) must compile under XLA (`jit_compile=True`, Keras' default on a
-GPU): static shapes, no data-dependent gathers or `tf.cond`, no batched
-complex `eigh` (27x slower under XLA on a CPU, a loop of cuSOLVER calls on a
-GPU). This module is that second path, written in `keras.ops`; the exact
-`eigh` path (`linalg`, `spectra`) stays for analysis and is its reference in
-the tests.
+GPU): static shapes (no data-dependent gathers; a `cond` only between
+branches of one shape), no batched complex `eigh` (27x slower under XLA on a
+CPU, a loop of cuSOLVER calls on a GPU). This module is that second path,
+written in `keras.ops`: the certified bound and the projections (below); the
+exact `eigh` path (`linalg`, `spectra`, `projection`) stays for analysis and
+the clipper, and is its reference in the tests.
 
 The bound (Delattre et al. 2023, Gram iteration): for the Gram matrix G of a
 per-frequency matrix P, lambda_max(G) <= ||G^(2^t)||_F^(1/2^t), within a
