@@ -6,8 +6,11 @@ PY := $(VENV)/bin/python
 # pytest workers; the suite is sized for a 2-core machine.
 TEST_WORKERS ?= 2
 DEMO_DIR ?= demo_output
+# The oldest supported pair (tfconvnorm/_compat.py), in a venv of its own.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PINS := tensorflow-cpu==2.16.2 keras==3.0.5
 
-.PHONY: demo test test-fast bench clean venv
+.PHONY: demo test test-fast test-oldest bench clean venv
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +32,18 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow" tests
 
+# The smoke set (tests/test_smoke.py) on the oldest supported TensorFlow + Keras.
+$(OLDEST_VENV)/.installed: setup.py Makefile
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -e ".[test]" $(OLDEST_PINS)
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed
+	$(OLDEST_VENV)/bin/python -m pytest -n $(TEST_WORKERS) -p no:cacheprovider tests/test_smoke.py
+
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run --json benchmarks/results.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache

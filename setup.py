@@ -18,12 +18,14 @@ INSTALL_REQUIRES = [
     "absl-py>=1.0",
     # tensorflow-cpu does not pull in tensorboard, and tf.summary needs it.
     "tensorboard>=2.16",
-    "keras>=3.0",
+    # The measured range (tfconvnorm/_compat.py checks it at import; `make
+    # test-oldest` runs the smoke set on the floor pair).
+    "keras>=3.0.5,<4",
 ]
 
 EXTRAS_REQUIRE = {
-    "cpu": ["tensorflow-cpu>=2.16"],
-    "gpu": ["tensorflow[and-cuda]>=2.16"],
+    "cpu": ["tensorflow-cpu>=2.16.2"],
+    "gpu": ["tensorflow[and-cuda]>=2.16.2"],
     "data": ["tensorflow-datasets>=4.9", "importlib_resources", "scikit-learn>=1.0"],
     "demo": ["matplotlib>=3.5", "scikit-learn>=1.0", "tensorflow-datasets>=4.9",
              "importlib_resources"],

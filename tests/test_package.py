@@ -2,8 +2,11 @@
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -71,3 +74,53 @@ def test_importing_the_tools_defines_no_flags():
     assert _python(code).stdout.strip().endswith("ok")
     for binary in ("train.py", "analyze.py"):
         assert len((ROOT / binary).read_text().splitlines()) < 120
+
+
+def test_private_keras_and_tensorflow_names_live_in_one_module():
+    private = ("keras.src", "_save_state", "_symbolic_build", "_nodes_by_depth",
+               "_flatten_layers", "tensorflow.python")
+    hits = {path.relative_to(ROOT).as_posix() for path in (ROOT / "tfconvnorm").rglob("*.py")
+            if any(name in path.read_text() for name in private)}
+    assert hits == {"tfconvnorm/_compat.py"}
+
+
+@pytest.mark.parametrize("tensorflow_version,keras_version,bad", [
+    ("2.15.1", "3.15.1", "TensorFlow 2.15.1"),
+    ("2.16.1", "3.15.1", "TensorFlow 2.16.1"),
+    ("2.21.0", "3.0.4", "Keras 3.0.4"),
+    ("2.21.0", "2.15.0", "Keras 2.15.0"),
+    ("2.21.0", "4.0.0", "Keras 4.0.0"),
+    ("nightly", "3.15.1", "TensorFlow nightly"),
+])
+def test_an_unsupported_version_stops_the_import_with_one_clear_error(
+        tensorflow_version, keras_version, bad):
+    # The real import path, with the installed version strings replaced.
+    code = ("import keras, tensorflow as tf\n"
+            f"tf.__version__ = {tensorflow_version!r}\n"
+            f"keras.__version__ = {keras_version!r}\n"
+            "try:\n"
+            "    import tfconvnorm\n"
+            "except ImportError as e:\n"
+            "    print('ERROR', e)\n"
+            "else:\n"
+            "    print('imported')\n")
+    out = _python(code).stdout
+    assert out.startswith("ERROR tfconvnorm does not support " + bad), out
+    assert f"installed: TensorFlow {tensorflow_version}, Keras {keras_version}" in out
+    from tfconvnorm import _compat  # pylint: disable=import-outside-toplevel
+    assert _compat.supported_range() in out
+
+
+def test_the_supported_versions_are_declared_once_and_alike():
+    from tfconvnorm import _compat  # pylint: disable=import-outside-toplevel
+    setup = (ROOT / "setup.py").read_text()
+    tf_floor = ".".join(map(str, _compat.MIN_TENSORFLOW))
+    keras_floor = ".".join(map(str, _compat.MIN_KERAS))
+    assert _compat.check_versions(tf_floor, keras_floor) is None
+    assert f'"keras>={keras_floor}' in setup and f'"tensorflow-cpu>={tf_floor}' in setup
+    assert f'"tensorflow[and-cuda]>={tf_floor}' in setup
+    readme = (ROOT / "README.md").read_text()
+    assert f"TensorFlow >= {tf_floor}" in readme and f"Keras >= {keras_floor}" in readme
+    makefile = (ROOT / "Makefile").read_text()
+    for pin in (f"keras=={keras_floor}", f"tensorflow-cpu=={tf_floor}"):
+        assert re.search(re.escape(pin) + r"(?![\d.])", makefile), pin

@@ -2,10 +2,19 @@
 
 The public API is re-exported here; see README.md for a tour. Importing the
 package registers the Keras constraint and regularizer for `.keras` loading,
-and does not import matplotlib, absl flags or TFDS.
+and does not import matplotlib, absl flags or TFDS. An unsupported TensorFlow
+or Keras stops the import with one error naming the supported range.
 """
 
-from tfconvnorm import reference
+# TensorFlow's first import: the command-line tools start without its C++ logging.
+from tfconvnorm import _startup
+
+with _startup.quiet_tensorflow_import():
+    from tfconvnorm import _compat
+
+_compat.check_versions()
+
+from tfconvnorm import reference  # noqa: E402  pylint: disable=wrong-import-position
 from tfconvnorm.spectral import (
     CIRCULAR,
     PADDING_MODES,

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfconvnorm import _compat
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm import lipschitz as lipschitz_lib
 from tfconvnorm import plotting
@@ -102,7 +103,13 @@ def optimizer_step(model):
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None:
         return 0
-    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+    step = int(keras.ops.convert_to_numpy(optimizer.iterations))
+    # Up to Keras 3.4 a LossScaleOptimizer (mixed_float16) counts its steps on
+    # the inner optimizer only, and its own `iterations` stays 0.
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:
+        step = max(step, int(keras.ops.convert_to_numpy(inner.iterations)))
+    return step
 
 
 def recalibrate_batch_norm(model, dataset, num_batches):
@@ -121,7 +128,7 @@ def recalibrate_batch_norm(model, dataset, num_batches):
     Returns:
       The number of batches used (0 when the model has no BN layer).
     """
-    layers = [l for l in model._flatten_layers(include_self=False)  # pylint: disable=protected-access
+    layers = [l for l in _compat.flatten_layers(model)
               if isinstance(l, keras.layers.BatchNormalization)]
     if not layers or num_batches < 1:
         return 0

@@ -21,6 +21,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from tfconvnorm import _compat
 from tfconvnorm import spectral
 
 # The kinds of operator a kernel variable can be.
@@ -236,7 +237,7 @@ def _kernel_variable(layer, attribute):
     variable = getattr(layer, "_" + attribute, None) if attribute == "kernel" else None
     if variable is None:
         variable = getattr(layer, attribute, None)
-    if not isinstance(variable, keras.Variable):
+    if not _compat.is_variable(variable):
         raise ValueError(f"Layer '{layer.name}' has no kernel variable `{attribute}`; "
                          f"received {type(variable).__name__}.")
     if not keras.backend.is_float_dtype(variable.dtype):
@@ -486,13 +487,7 @@ def layer_geometry(layer, input_shape=None, round_up=False, boundary=BOUNDARY_LA
 # Reading input sizes from a model's graph.
 
 
-def functional_of(model):
-    """The functional graph behind a model, if it has one (None for subclassed)."""
-    if isinstance(model, keras.Sequential):
-        return getattr(model, "_functional", None)
-    if hasattr(model, "_nodes_by_depth") and hasattr(model, "inputs"):
-        return model
-    return None
+functional_of = _compat.functional_of
 
 
 def _walk_graph(functional, inputs, seen_shapes):
@@ -505,8 +500,8 @@ def _walk_graph(functional, inputs, seen_shapes):
     graph construction reuse the recorded outputs; only the others are
     recomputed with `compute_output_spec`.
     """
-    tensors = {id(x): y for x, y in zip(functional.inputs, keras.tree.flatten(inputs))}
-    by_depth = functional._nodes_by_depth
+    tensors = {id(x): y for x, y in zip(functional.inputs, _compat.tree_flatten(inputs))}
+    by_depth = _compat.nodes_by_depth(functional)
     for depth in sorted(by_depth, reverse=True):
         for node in by_depth[depth]:
             op = node.operation
@@ -532,7 +527,7 @@ def _walk_graph(functional, inputs, seen_shapes):
                     # Downstream calls are then skipped and fall back to the
                     # shapes recorded at build time (or ask for them).
                     continue
-            for x, y in zip(node.outputs, keras.tree.flatten(outputs)):
+            for x, y in zip(node.outputs, _compat.tree_flatten(outputs)):
                 tensors[id(x)] = y
     return [tensors.get(id(x)) for x in functional.outputs]
 
@@ -560,7 +555,7 @@ def _input_specs(functional, input_shape):
 
 
 def _layer_names(model):
-    return [layer.name for layer in model._flatten_layers(include_self=False, recursive=True)]
+    return [layer.name for layer in _compat.flatten_layers(model)]
 
 
 def model_geometry(model, layers=None, input_shape=None, layer_input_shapes=None,
@@ -585,7 +580,7 @@ def model_geometry(model, layers=None, input_shape=None, layer_input_shapes=None
         that of the layer's own zero padding.
 
     Returns:
-      A list of `LayerOperator` in the order of `model._flatten_layers()`.
+      A list of `LayerOperator`, depth first over the model's layers.
 
     Raises:
       ValueError: the model is not built, a name in `layers` is unknown or not
@@ -599,7 +594,7 @@ def model_geometry(model, layers=None, input_shape=None, layer_input_shapes=None
         unknown = [k for k in kinds if k not in ALL_KINDS]
         if unknown:
             raise ValueError(f"Unknown operator kinds {unknown}; expected some of {ALL_KINDS}.")
-    all_layers = model._flatten_layers(include_self=False, recursive=True)
+    all_layers = _compat.flatten_layers(model)
     layer_input_shapes = dict(layer_input_shapes or {})
     names = set(_layer_names(model))
     missing = [n for n in layer_input_shapes if n not in names]

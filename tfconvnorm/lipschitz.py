@@ -31,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfconvnorm import _compat
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm import spectral
 from tfconvnorm.spectral import padding as padding_lib
@@ -380,7 +381,7 @@ class _Propagation:
 def _consumers(functional):
     """{id(tensor): number of graph nodes reading it}."""
     counts = {}
-    for nodes in functional._nodes_by_depth.values():  # pylint: disable=protected-access
+    for nodes in _compat.nodes_by_depth(functional).values():
         for node in nodes:
             for tensor in node.input_tensors:
                 counts[id(tensor)] = counts.get(id(tensor), 0) + 1
@@ -397,13 +398,13 @@ def _propagate(state, functional, input_bounds, prefix):
     """
     bounds = {id(x): b for x, b in zip(functional.inputs, input_bounds)}
     producers = {}
-    for nodes in functional._nodes_by_depth.values():  # pylint: disable=protected-access
+    for nodes in _compat.nodes_by_depth(functional).values():
         for node in nodes:
             for tensor in node.outputs:
                 producers[id(tensor)] = node
     consumers = _consumers(functional)
     folded = {}   # id(bn node) -> linear layer folded into it
-    for nodes in functional._nodes_by_depth.values():  # pylint: disable=protected-access
+    for nodes in _compat.nodes_by_depth(functional).values():
         for node in nodes:
             op = node.operation
             if isinstance(op, keras.layers.BatchNormalization) and len(node.input_tensors) == 1:
@@ -413,8 +414,9 @@ def _propagate(state, functional, input_bounds, prefix):
                         and _foldable(source, op)):
                     folded[id(source)] = op
                     folded[id(node)] = source.operation
-    for depth in sorted(functional._nodes_by_depth, reverse=True):  # pylint: disable=protected-access
-        for node in functional._nodes_by_depth[depth]:  # pylint: disable=protected-access
+    by_depth = _compat.nodes_by_depth(functional)
+    for depth in sorted(by_depth, reverse=True):
+        for node in by_depth[depth]:
             op = node.operation
             if op is None or node.is_input:
                 continue
@@ -537,7 +539,7 @@ def lipschitz_bound(model, input_shape=None, layer_bounds=None):
                          "Lipschitz bound can be propagated. Use a functional or Sequential "
                          "model.")
     unknown = sorted(set(layer_bounds or {}) - {
-        layer.name for layer in model._flatten_layers(include_self=False, recursive=True)})  # pylint: disable=protected-access
+        layer.name for layer in _compat.flatten_layers(model)})
     if unknown:
         raise ValueError(f"`layer_bounds` names layers not in model '{model.name}': {unknown}.")
     operators = geometry_lib.model_geometry(model, input_shape=input_shape)

@@ -3,9 +3,7 @@ and Keras 3 `.weights.h5`, read against an architecture."""
 
 import os
 
-import keras
-from keras.src.saving import saving_lib
-
+from tfconvnorm import _compat
 from tfconvnorm.checkpoints.common import (CheckpointError, first_line, model_operators,
                                            records_from_operators, require_exists)
 
@@ -94,38 +92,8 @@ def _legacy_values(group, model, path):
     return values
 
 
-class _LayoutRecorder(saving_lib.H5IOStore):
-    """Stands in for Keras' h5 weights store and records which variable Keras
-    would write at each dataset path, writing nothing (not even to the model)."""
-
-    def __init__(self):  # pylint: disable=super-init-not-called  (no file behind it)
-        self.mode = "w"
-        self.layout = {}
-        self._path = ""
-
-    def __bool__(self):  # Keras asks the store whether it has a file
-        return True
-
-    def make(self, path, metadata=None):  # pylint: disable=unused-argument
-        self._path = path
-        return self
-
-    def __setitem__(self, key, value):
-        group = f"{self._path}/vars" if self._path else "vars"
-        self.layout[f"{group}/{key}"] = value
-
-
-def _keras3_layout(model):
-    """h5 dataset path -> variable, for the `.weights.h5` files Keras 3 writes:
-    Keras' own traversal of the model (`saving_lib._save_state`, what
-    `save_weights` runs), recorded instead of written."""
-    recorder = _LayoutRecorder()
-    saving_lib._save_state(model, recorder, None, "", set())  # pylint: disable=protected-access
-    return {path: v for path, v in recorder.layout.items() if isinstance(v, keras.Variable)}
-
-
 def _keras3_values(h5_file, model, path):
-    layout = _keras3_layout(model)
+    layout = _compat.keras3_weights_layout(model)
     stored = {name: d for name, d in _h5_datasets(h5_file).items()
               if not name.startswith("optimizer/")}
     by_variable = {id(v): name for name, v in layout.items()}

@@ -24,8 +24,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.core.protobuf import trackable_object_graph_pb2
-from tensorflow.python.framework import function_def_to_graph
 
+from tfconvnorm import _compat
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm.checkpoints.common import (TF2_GRAPH_KEY, CheckpointError, LayerRecord,
                                            conv_op_attributes,
@@ -224,7 +224,7 @@ def read_savedmodel(path, image_size=None):
                 if shape is not None and index in function.arg_attr:
                     del function.arg_attr[index].attr["_output_shapes"]
         try:
-            graph = function_def_to_graph.function_def_to_graph(function, input_shapes=shapes)
+            graph = _compat.function_def_to_graph(function, input_shapes=shapes)
         except Exception as error:  # pylint: disable=broad-except
             raise CheckpointError(f"{path}: cannot rebuild the graph of function {name!r}: "
                                   f"{first_line(error)}") from error

@@ -7,6 +7,7 @@ import os
 import keras
 import numpy as np
 
+from tfconvnorm import _compat
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm.checkpoints.common import (SLIM_SCOPE, CheckpointError, LayerRecord,
                                            checkpoint_shapes, get_tensor, model_operators,
@@ -52,7 +53,7 @@ def read_slim_resnet_v2(path, model, name_map):
     prefix = resolve_checkpoint_prefix(path)
     reader, shapes = checkpoint_shapes(prefix, path)
     classifier_variables = {
-        id(v) for layer in model._flatten_layers(include_self=False, recursive=True)  # pylint: disable=protected-access
+        id(v) for layer in _compat.flatten_layers(model)
         if isinstance(layer, keras.layers.Dense) for v in layer.weights}
     names = {}
     for variable in model.weights:

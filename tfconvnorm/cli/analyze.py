@@ -31,6 +31,7 @@ import sys
 from absl import app
 from absl import flags
 
+from tfconvnorm import cli
 from tfconvnorm import analysis
 from tfconvnorm import checkpoints
 from tfconvnorm import spectral
@@ -98,5 +99,5 @@ def _program():
 
 def run():
     """The `tfconvnorm-analyze` console script (and `python analyze.py`)."""
-    define_flags()
+    cli.define_key_flags(define_flags, __doc__)
     app.run(main)

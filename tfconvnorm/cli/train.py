@@ -16,6 +16,7 @@ import os
 from absl import app
 from absl import flags
 
+from tfconvnorm import cli
 from tfconvnorm import spectral as tfcn_spectral
 from tfconvnorm.models import cifar_input
 from tfconvnorm.training import (CHECKPOINT_DIR, LOG_DIR, PROGRESS, RESULTS_FILE, STRATEGIES,
@@ -145,5 +146,5 @@ def main(argv):
 
 def run():
     """The `tfconvnorm-train` console script (and `python train.py`)."""
-    define_flags()
+    cli.define_key_flags(define_flags, __doc__)
     app.run(main)

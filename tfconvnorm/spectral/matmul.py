@@ -130,7 +130,9 @@ def _rayleigh(real, imag, n, slack):
     Frobenius norm 1: the Rayleigh quotient at H^(1/2) e_k, ||H e_k||^2 / H_kk,
     at its best k, and never below 1 / sqrt(n) (sum of squared eigenvalues 1)."""
     columns = ops.sum(ops.square(real) + ops.square(imag), axis=-2)
-    diagonal = ops.diagonal(real, axis1=-2, axis2=-1)
+    # The diagonal through an identity mask: Keras' ops.diagonal / ops.trace
+    # with negative axes fail in TensorFlow graphs before Keras 3.5.
+    diagonal = ops.sum(real * ops.eye(real.shape[-1], dtype=real.dtype), axis=-2)
     quotient = ops.max(ops.where(diagonal > 0, columns / ops.maximum(diagonal, 1e-30), 0.0),
                        axis=-1)
     return ops.minimum(ops.maximum(quotient, 1.0 / math.sqrt(n)) * (1 - slack), 1.0)
@@ -218,7 +220,7 @@ def norm_upper_bound(kernel, geometry, u=None, squarings=None):
         sigma = ops.max(_frobenius(real, imag)) * (1 + 2 * inner * u)
         return (sigma + transform_error) * scale * (1 + 4 * u)
     gram_real, gram_imag = _gram(real, imag)
-    trace = ops.trace(gram_real, axis1=-2, axis2=-1)
+    trace = ops.sum(gram_real * ops.eye(n, dtype=gram_real.dtype), axis=(-2, -1))  # see _rayleigh
     s0 = ops.maximum(_frobenius(gram_real, gram_imag), 1e-30)
     powers = _Powers(gram_real / s0[:, None, None], gram_imag / s0[:, None, None],
                      ops.zeros_like(s0), 0, n, u)

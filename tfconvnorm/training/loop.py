@@ -22,6 +22,7 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from tfconvnorm import _compat
 from tfconvnorm import callbacks as tfcn_callbacks
 from tfconvnorm import files
 from tfconvnorm import geometry as tfcn_geometry
@@ -204,9 +205,8 @@ def _build_before_fit(model, dataset):
     reduce cannot take (`ValueError: Attempt to convert a value (PerReplica...)`
     on every worker). Built here instead, that step is skipped.
     """
-    model._symbolic_build(data_batch=next(iter(dataset)))  # pylint: disable=protected-access
+    _compat.symbolic_build(model, next(iter(dataset)))
     model.optimizer.build(model.trainable_variables)
-    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None  # pylint: disable=protected-access
     # Keras then averages each step's logs over the workers with
     # strategy.reduce("MEAN", value, axis=0), which refuses scalars ("Invalid
     # reduction dimension 0", tensorflow/tensorflow#72388): give it one-entry
@@ -316,7 +316,7 @@ def train_and_evaluate(config, model_dir):
         callbacks.append(recorder)
         backup_dir = os.path.join(
             model_dir, BACKUP_DIR + (f"_{worker_suffix}" if worker_suffix else ""))
-        callbacks.append(keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True))
+        callbacks.append(_compat.backup_and_restore(backup_dir))
         manager = tf.train.CheckpointManager(
             tf.train.Checkpoint(model=model), os.path.join(write_dir, CHECKPOINT_DIR),
             max_to_keep=config.checkpoints_to_keep or None)
