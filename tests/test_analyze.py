@@ -563,3 +563,48 @@ def test_safe_mode_refuses_a_keras_file_with_code(tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match="(?i)unsafe.keras.*(safe_mode|lambda)"):
         analyze.analyse(path, str(tmp_path / "out"), verbose=False)
     assert not os.path.exists(tmp_path / "out" / checkpoints.SPECTRA_FILENAME)
+
+
+def test_circular_boundary_gives_the_papers_operator_at_each_input_size(tmp_path):
+    """--boundary=circular: each conv's circular operator at its input size, strides
+    included (the published Fig. 5), against the explicit circular matrix;
+    sizes a stride does not divide are rounded up and marked approximate."""
+    keras.utils.set_random_seed(6)
+    L = keras.layers
+    inputs = keras.Input((8, 8, 2))
+    x = L.Conv2D(3, 3, strides=2, padding="same", use_bias=False, name="strided")(inputs)
+    x = L.DepthwiseConv2D(3, padding="valid", use_bias=False, name="dw")(x)  # 4 -> 2
+    x = L.Conv2DTranspose(2, 3, strides=2, padding="same", use_bias=False, name="up")(x)
+    odd = keras.Input((7, 7, 2))
+    y = L.Conv2D(2, 3, strides=2, padding="same", use_bias=False, name="odd")(odd)
+    out = L.Dense(2, use_bias=False, name="fc")(L.Concatenate()([L.Flatten()(x),
+                                                                  L.Flatten()(y)]))
+    model = keras.Model([inputs, odd], out)
+    path = str(tmp_path / "c.keras")
+    model.save(path)
+    flag_values = __import__("absl.flags", fromlist=["flags"]).FlagValues()
+    analyze_cli.define_flags(flag_values)
+    flag_values(["analyze.py", f"--checkpoint={path}", f"--output_dir={tmp_path / 'out'}",
+                 "--boundary=circular", "--bound_iterations=4"])
+    analyze_cli.main(["analyze.py"], flag_values)
+    spectra = load_npz(str(tmp_path / "out"))
+    cases = {  # name: (kernel in conv layout, circular input size, strides, groups, approximate)
+        "strided/kernel": (model.get_layer("strided").kernel.numpy(), (8, 8), 2, 1, False),
+        "dw/kernel": (model.get_layer("dw").kernel.numpy().reshape(3, 3, 1, 3), (4, 4), 1, 3,
+                      False),
+        # The transposed layer's forward operator: its input size times the strides.
+        "up/kernel": (model.get_layer("up").kernel.numpy(), (4, 4), 2, 1, False),
+        "odd/kernel": (model.get_layer("odd").kernel.numpy(), (8, 8), 2, 1, True),
+    }
+    for name, (kernel, size, strides, groups, approximate) in cases.items():
+        entry = spectra[name]
+        assert entry["padding"] == "circular" and entry["input_shape"] == size, name
+        assert entry["approximate"] == approximate, name
+        matrix = reference.explicit_operator_matrix(kernel, size, strides, groups=groups)
+        np.testing.assert_allclose(np.sort(entry["sv"])[::-1],
+                                   np.linalg.svd(matrix, compute_uv=False), rtol=1e-5,
+                                   atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(spectra["fc/kernel"]["sv"], np.linalg.svd(
+        model.get_layer("fc").kernel.numpy(), compute_uv=False), rtol=1e-5)
+    with pytest.raises(ValueError, match="boundary"):
+        analyze.analyse(path, str(tmp_path / "x"), boundary="torus", verbose=False)

@@ -112,7 +112,8 @@ def _every_kind_model():
 
 
 @pytest.mark.parametrize("jit_compile,method", [
-    (True, "rescale"), (False, "rescale"), (True, "alternating"), (True, "exact")])
+    # "exact" under XLA: test_projections_under_xla_hold_the_bound_and_follow_the_eigh_path.
+    (True, "rescale"), (False, "rescale"), (True, "alternating")])
 def test_constrain_then_compile_with_and_without_xla_keeps_every_real_layer_bounded(
         jit_compile, method, rng):
     model = _every_kind_model()
@@ -201,8 +202,13 @@ def _constraint_and_eigh_args(shape, size, strides, dilation, groups, padding, m
 def test_paper_clip_under_xla_matches_the_eigh_clip(shape, size, strides, dilation, groups,
                                                     padding, rng):
     # The published single clip has no certificate: what is checked is that the
-    # matrix iterations compute the same kernel as the eigh path.
-    for dtype, rtol in ((np.float32, 2e-5), (np.float64, 1e-7)):
+    # matrix iterations compute the same kernel as the eigh path (float64 on a
+    # few geometries: each dtype is one more XLA compilation).
+    dtypes = [(np.float32, 2e-5)]
+    if (shape, size) in ((GRID[3][0], GRID[3][1]), (GRID[6][0], GRID[6][1]),
+                         (GRID[8][0], GRID[8][1])):
+        dtypes.append((np.float64, 1e-7))
+    for dtype, rtol in dtypes:
         kernel = rng.standard_normal(shape).astype(dtype)
         exact = float(tfconvnorm.conv_operator_norm(tf.constant(kernel, tf.float64), **args_of(
             size, strides, dilation, groups, padding)))
@@ -221,8 +227,9 @@ def args_of(size, strides, dilation, groups, padding):
                 padding=padding)
 
 
-# A subset of GRID: Dykstra's loop in float64 is slow on the biggest layers.
-PROJECTION_GRID = [GRID[i] for i in (3, 4, 5, 6, 8, 9, 11, 12)]
+# A subset of GRID (strided odd, dilated, grouped, causal 1-D, Dense): each case
+# compiles both projections under XLA, seconds apiece.
+PROJECTION_GRID = [GRID[i] for i in (3, 5, 6, 8, 11)]
 
 
 @pytest.mark.parametrize("shape,size,strides,dilation,groups,padding", PROJECTION_GRID)

@@ -84,3 +84,26 @@ def test_library_imports_without_matplotlib():
     code = ("import sys; sys.modules['matplotlib'] = None; "
             "import tfconvnorm, tfconvnorm.plotting, tfconvnorm.checkpoints")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_log_axis_starts_at_the_floor_and_marks_what_lies_below():
+    # A strided 1x1 conv's exact zeros come out near 1e-15; they must not set
+    # the axis (make demo's figure squeezed every real spectrum into its top tenth).
+    spectra = {"conv": np.linspace(10.0, 0.1, 50),
+               "shortcut": np.concatenate([np.linspace(2.0, 1.0, 10), np.full(30, 1e-15),
+                                           np.zeros(5)])}
+    fig = plotting.plot_spectra(spectra)
+    ax = fig.axes[0]
+    floor = 10.0 * plotting.DEFAULT_LOG_FLOOR
+    assert ax.get_ylim()[0] == pytest.approx(floor / 1.5)
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["conv", "shortcut", "_below_floor"]
+    np.testing.assert_array_equal(lines[1].get_ydata(), np.linspace(2.0, 1.0, 10))
+    dotted = lines[2]
+    assert dotted.get_linestyle() == ":" and dotted.get_color() == lines[1].get_color()
+    assert np.all(dotted.get_ydata() >= floor) and dotted.get_xdata()[-1] == 45
+    assert any("below" in t.get_text() for t in ax.texts)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["conv", "shortcut"]
+    # Without the floor: non-positive values left out, the 1e-15 ones drawn.
+    bare = plotting.plot_spectra(spectra, log_floor=0).axes[0]
+    assert len(bare.get_lines()) == 2 and bare.get_lines()[1].get_ydata().min() == 1e-15

@@ -25,7 +25,7 @@ PLOT_FILENAME = "spectra.png"
 
 def analyse(checkpoint, output_dir, format=None, architecture=None, depth=None,  # pylint: disable=redefined-builtin
             image_size=None, layers=None, skip_1x1=False, dtype="float32", log_scale=True,
-            verbose=True, log_rank=False, bound_iterations=None):
+            verbose=True, log_rank=False, bound_iterations=None, boundary=geometry.BOUNDARY_LAYER):
     """Computes every layer's singular values and writes spectra.npz / summary.csv / spectra.png.
 
     Args:
@@ -45,6 +45,12 @@ def analyse(checkpoint, output_dir, format=None, architecture=None, depth=None, 
       verbose: print a progress bar and the summary table.
       bound_iterations: Lanczos iterations behind each layer's certified lower
         bound (default `tfconvnorm.DEFAULT_POWER_ITERATIONS`).
+      boundary: "layer" (default): every layer with its own zero padding, the
+        spectra certified upper bounds of the real layer's; "circular": each
+        conv's circular operator at its input size, strides included, as the
+        paper plotted (`geometry.circular_geometry`; sizes a stride does not
+        divide are rounded up and marked approximate). The whole model's
+        Lipschitz bound is the real model's either way.
 
     Returns:
       A dict: `spectra` (list of `checkpoints.LayerSpectrum`), `format`,
@@ -74,6 +80,8 @@ def analyse(checkpoint, output_dir, format=None, architecture=None, depth=None, 
         raise ValueError(f"layers must be a regular expression, got {layers!r}: {error}") from None
     if not output_dir:
         raise ValueError(f"output_dir must name a directory, got {output_dir!r}")
+    if boundary not in geometry.BOUNDARIES:
+        raise ValueError(f"boundary must be one of {geometry.BOUNDARIES}, got {boundary!r}")
     found = checkpoints.read(checkpoint, format=format, architecture=architecture, depth=depth,
                              image_size=image_size)
     records, fmt, description = found.records, found.format, found.architecture
@@ -83,6 +91,8 @@ def analyse(checkpoint, output_dir, format=None, architecture=None, depth=None, 
             raise ValueError(f"layers={layers!r} matches none of the {len(records)} layers of "
                              f"{checkpoint} (e.g. {[r.name for r in records[:3]]})")
         records = selected
+    if boundary == geometry.BOUNDARY_CIRCULAR:
+        records = [r._replace(geometry=geometry.circular_geometry(r.geometry)) for r in records]
     if verbose:
         print(f"{checkpoint}: {fmt}, {description}: {len(records)} layers")
     if bound_iterations is None:
@@ -97,6 +107,7 @@ def analyse(checkpoint, output_dir, format=None, architecture=None, depth=None, 
                 "architecture": description, "dtype": dtype,
                 "image_size": "" if image_size is None else image_size,
                 "layers": layers or "", "bound_iterations": bound_iterations,
+                "boundary": boundary,
                 "operator": _operator_description(spectra),
                 "lipschitz_upper_bound": "" if lipschitz is None else repr(float(lipschitz)),
                 "lipschitz_note": unavailable or checkpoints.LIPSCHITZ_NOTE}

@@ -130,6 +130,38 @@ class ConvGeometry:
             or self.layer_padding in (None, spectral.CIRCULAR))
 
 
+def circular_geometry(geometry, round_up=True):
+    """The circular operator at the layer's own input size (what Sedghi et al.
+    plotted, `boundary="circular"`) of a geometry given with the layer's
+    padding; geometries already circular, and Dense, come back as they are.
+
+    A stride that does not divide the input size rounds it up to the next
+    multiple (`approximate=True`) or, with `round_up=False`, raises
+    ValueError. A transposed convolution's forward operator acts on its input
+    size times the strides; a separable layer's pointwise part (1x1, stride 1)
+    keeps its size, where it is the same operator for every padding.
+    """
+    g = geometry
+    if g.kind == KIND_DENSE or g.padding == spectral.CIRCULAR:
+        return g
+    approximate = False
+    if g.kind == KIND_CONV_TRANSPOSE:
+        size = tuple(n * s for n, s in zip(g.layer_input_shape, g.strides))
+    elif g.kind == KIND_SEPARABLE_POINTWISE:
+        size = tuple(g.input_shape)
+    else:
+        size = tuple(g.input_shape)
+        if any(n % s for n, s in zip(size, g.strides)):
+            if not round_up:
+                raise ValueError(
+                    f"strides {g.strides} do not divide the input size {size}: the circular "
+                    "operator is not defined there; pass round_up=True for the next multiple "
+                    "of the stride (an approximation).")
+            size, approximate = tuple(-(-n // s) * s for n, s in zip(size, g.strides)), True
+    return dataclasses.replace(g, input_shape=size, padding=spectral.CIRCULAR,
+                               approximate=approximate, layer_padding=g.padding)
+
+
 def spectra_title(geometries):
     """What the spectra of these operators are, in words (plot titles)."""
     if all(g.padding == spectral.CIRCULAR or g.kind == KIND_DENSE for g in geometries):

@@ -16,6 +16,11 @@ DEFAULT_MAX_POINTS = 4096
 # Up to this many layers get a legend; more get a colour bar of depth.
 MAX_LEGEND_ENTRIES = 12
 DEFAULT_DPI = 120
+# On a log axis, values below this fraction of the largest one (exact zeros,
+# computed as ~1e-15, of strided 1x1 convs, say) are drawn at the floor, dotted,
+# so that they do not stretch the axis over the informative range (the
+# paper's figure spans about three decades).
+DEFAULT_LOG_FLOOR = 1e-4
 
 
 def _subsample(values, max_points):
@@ -29,7 +34,7 @@ def _subsample(values, max_points):
 
 
 def plot_spectra(spectra, ax=None, log_x=False, log_y=True, title=None, cmap=DEFAULT_CMAP,
-                 approximate=(), max_points=DEFAULT_MAX_POINTS):
+                 approximate=(), max_points=DEFAULT_MAX_POINTS, log_floor=DEFAULT_LOG_FLOOR):
     """Plots each layer's sorted singular values against their rank.
 
     The kind of plot Sedghi et al. (2019) published for ResNet V2: one curve
@@ -39,8 +44,11 @@ def plot_spectra(spectra, ax=None, log_x=False, log_y=True, title=None, cmap=DEF
       spectra: ordered mapping layer name -> 1-D array of singular values
         (sorted descending; sorted here otherwise).
       ax: a matplotlib Axes to draw on; a new Figure when None.
-      log_x, log_y: logarithmic rank / singular-value axes. Non-positive
-        values are left out of a log axis.
+      log_x, log_y: logarithmic rank / singular-value axes.
+      log_floor: on a log value axis, the axis starts at `log_floor` times the
+        largest value; each curve's values below it (zeros included) are drawn
+        at the floor as a dotted line of the curve's colour, and a note says
+        so. 0: no floor (non-positive values are then left out).
       title: axes title.
       cmap: matplotlib colormap name for the depth colouring.
       approximate: names whose spectrum was computed at a rounded-up input
@@ -66,22 +74,42 @@ def plot_spectra(spectra, ax=None, log_x=False, log_y=True, title=None, cmap=DEF
     names = list(spectra)
     approximate = set(approximate)
     depth_scale = max(len(names) - 1, 1)
-    for depth, name in enumerate(names):
+    curves = {}
+    for name in names:
         values = np.asarray(spectra[name], dtype=np.float64)
         if values.ndim != 1:
             raise ValueError(f"spectra[{name!r}] must be 1-D, got shape {values.shape}")
-        values = -np.sort(-values)
-        ranks, values = _subsample(values, max_points)
-        if log_y:
-            positive = values > 0
-            ranks, values = ranks[positive], values[positive]
-        ax.plot(ranks, values, color=colormap(depth / depth_scale), linewidth=1.0,
+        curves[name] = _subsample(-np.sort(-values), max_points)
+    floor = None
+    if log_y and log_floor:
+        top = max((float(v[0]) for _, v in curves.values() if v.size), default=0.0)
+        floor = top * log_floor if top > 0 else None
+    below_floor = False
+    for depth, name in enumerate(names):
+        ranks, values = curves[name]
+        color = colormap(depth / depth_scale)
+        low = (values < floor if floor is not None else values <= 0 if log_y
+               else np.zeros(values.shape, bool))
+        ax.plot(ranks[~low], values[~low], color=color, linewidth=1.0,
                 linestyle="--" if name in approximate else "-",
                 label=name + (" (approx.)" if name in approximate else ""))
+        if floor is not None and np.any(low):
+            below_floor = True
+            # From the last point above the floor down to it, then along it
+            # (labels starting with "_" stay out of the legend).
+            start = max(int(np.argmax(low)) - 1, 0)
+            ax.plot(ranks[start:], np.maximum(values[start:], floor), color=color,
+                    linewidth=1.0, linestyle=":", label="_below_floor")
     if log_x:
         ax.set_xscale("log")
     if log_y:
         ax.set_yscale("log")
+    if floor is not None:
+        ax.set_ylim(bottom=floor / 1.5)
+        if below_floor:
+            ax.text(0.01, 0.01, f"dotted: values below {floor:.2g} ({log_floor:g} x the largest), "
+                    "zeros included, drawn at that floor", transform=ax.transAxes,
+                    ha="left", va="bottom", fontsize="small")
     ax.set_xlabel("rank")
     ax.set_ylabel("singular value")
     if title:

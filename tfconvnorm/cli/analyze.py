@@ -59,6 +59,12 @@ def define_flags(flag_values=flags.FLAGS):
                          "only where the graph leaves the input size open.", flag_values=fv)
     flags.DEFINE_string("layers", None, "Regex: analyse only the layers whose name it matches "
                         "(re.search).", flag_values=fv)
+    flags.DEFINE_enum("boundary", "layer", ("layer", "circular"),
+                      "'layer': every layer with its own zero padding (certified upper bounds "
+                      "on the real layer's singular values); 'circular': each conv's circular "
+                      "operator at its input size, strides included, as the paper plotted "
+                      "(input sizes a stride does not divide are rounded up, marked "
+                      "approximate).", flag_values=fv)
     flags.DEFINE_bool("skip_1x1", False, "Leave 1x1 convs out of spectra.png, as the published "
                       "plot did (spectra.npz and summary.csv keep them).", flag_values=fv)
     flags.DEFINE_bool("log_scale", True, "Logarithmic singular-value axis in spectra.png.", flag_values=fv)
@@ -84,7 +90,7 @@ def main(argv, flag_values=flags.FLAGS):
                          architecture=fv.architecture, depth=fv.depth,
                          image_size=fv.image_size, layers=fv.layers, skip_1x1=fv.skip_1x1,
                          dtype=fv.dtype, log_scale=fv.log_scale, log_rank=fv.log_rank,
-                         bound_iterations=fv.bound_iterations)
+                         bound_iterations=fv.bound_iterations, boundary=fv.boundary)
     except (checkpoints.CheckpointError, FileNotFoundError) as error:
         # The message names the file and the first mismatching variable; a TF
         # traceback would only bury it.
