@@ -127,3 +127,15 @@ def test_the_supported_versions_are_declared_once_and_alike():
     makefile = (ROOT / "Makefile").read_text()
     for pin in (f"keras=={keras_floor}", f"tensorflow-cpu=={tf_floor}"):
         assert re.search(re.escape(pin) + r"(?![\d.])", makefile), pin
+
+
+def test_public_api_is_declared_and_every_name_exists():
+    import tfconvnorm  # pylint: disable=import-outside-toplevel
+    assert len(tfconvnorm.__all__) == len(set(tfconvnorm.__all__))
+    missing = [name for name in tfconvnorm.__all__ if not hasattr(tfconvnorm, name)]
+    assert not missing
+    namespace = {}
+    exec("from tfconvnorm import *", namespace)  # pylint: disable=exec-used
+    assert set(namespace) - {"__builtins__"} == set(tfconvnorm.__all__)
+    # What the start-up machinery and the compat layer are stays private.
+    assert not {"_compat", "_startup"} & set(tfconvnorm.__all__)

@@ -56,3 +56,20 @@ from tfconvnorm import plotting
 from tfconvnorm.checkpoints import CheckpointError, LayerSpectrum, detect_format, layer_spectra
 
 __version__ = "0.1.0"
+
+#: The public API (everything else is reached through its module).
+__all__ = [
+    "reference", "CIRCULAR", "PADDING_MODES", "CircularEmbedding", "circular_embedding",
+    "DEFAULT_METHOD", "METHODS", "clip_conv_singular_values",
+    "clip_conv_singular_values_batch", "conv_operator_norm", "conv_operator_norm_batch",
+    "conv_singular_values", "conv_singular_values_batch", "conv_transfer_matrices",
+    "conv_singular_values_many", "conv_operator_norm_many",
+    "clip_conv_singular_values_many", "conv_operator_norm_bounds",
+    "conv_operator_norm_bounds_many", "conv_operator_norm_upper_bound", "NormBounds",
+    "DEFAULT_POWER_ITERATIONS", "apply_convolution", "ALL_KINDS", "CONV_KINDS",
+    "ConvGeometry", "LayerOperator", "layer_geometry", "model_geometry",
+    "OperatorNormConstraint", "OperatorNormRegularizer", "constrain",
+    "OperatorNormClipper", "PreciseBatchNorm", "SpectrumLogger", "recalibrate_batch_norm",
+    "LipschitzBound", "empirical_lower_bound", "lipschitz_bound", "checkpoints",
+    "plotting", "CheckpointError", "LayerSpectrum", "detect_format", "layer_spectra",
+]

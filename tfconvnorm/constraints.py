@@ -363,12 +363,6 @@ def constraint_for(operator, max_norm, method=DEFAULT_CONSTRAINT_METHOD, iterati
                                   **_geometry_args(operator))
 
 
-def regularizer_for(operator, weight, threshold=0.0):
-    """An `OperatorNormRegularizer` with the geometry of a `LayerOperator`."""
-    return OperatorNormRegularizer(weight, threshold=threshold,
-                                   **_geometry_args(operator))
-
-
 def constrain(model, max_norm, method=DEFAULT_CONSTRAINT_METHOD, layers=None, kinds=None,
               iterations=None, apply_now=False, **geometry_kwargs):
     """Attaches `OperatorNormConstraint`s to the operator layers of a built model.

@@ -31,7 +31,6 @@ DEFAULT_IMAGE_SIZE = 224
 # keras.applications refuses smaller inputs.
 MIN_IMAGE_SIZE = 32
 KERAS_NUM_CLASSES = 1000
-SLIM_NUM_CLASSES = 1001
 _KERAS_FIRST_STAGE = 2  # Keras stage conv2 is slim block1.
 
 _BN_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance")
