@@ -375,3 +375,29 @@ def test_public_names_are_exported():
         assert getattr(tfconvnorm, name, None) is value, name
     assert keras.saving.get_registered_object(
         "tfconvnorm>OperatorNormConstraint") is constraints.OperatorNormConstraint
+
+
+def test_the_kind_table_matches_the_keras_layers_it_names():
+    # One entry per kind is all a new kind needs in the library: its classes,
+    # variable and constraint attributes must be real, and the constraint
+    # layout must be a kind with a constraint of its own.
+    from tfconvnorm.geometry import KINDS  # pylint: disable=import-outside-toplevel
+    from tfconvnorm.constraints import LAYOUTS  # pylint: disable=import-outside-toplevel
+    assert set(KINDS) == set(geometry.ALL_KINDS)
+    for spec in KINDS.values():
+        assert spec.layout in LAYOUTS and spec.fold_scale is not None, spec.kind
+        for cls in spec.layer_classes:
+            rank = 3 if "1D" in cls.__name__ else 5 if "3D" in cls.__name__ else 4
+            args = ((3,) if cls is keras.layers.Dense else
+                    (3,) if cls.__name__.startswith("Depthwise") else (3, 2))
+            layer = cls(*args)  # a fresh layer of the class
+            layer.build((None,) + (6,) * (rank - 2) + (2,) if rank > 2 else (None, 2))
+            assert hasattr(getattr(layer, spec.variable), "assign"), (spec.kind, cls)
+            assert hasattr(layer, spec.constraint_attribute), (spec.kind, cls)
+    # Folding a scale on the output-channel axis: the layer's output scaled.
+    layer = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, use_bias=False)
+    x = np.random.default_rng(0).standard_normal((1, 5, 5, 3)).astype(np.float32)
+    expected = layer(x).numpy() * np.arange(1, 7)
+    layer.kernel.assign(KINDS["depthwise"].fold_scale(layer.kernel.numpy(),
+                                                     np.arange(1, 7, dtype=np.float32)))
+    np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-5, atol=1e-6)

@@ -31,26 +31,17 @@ from tfconvnorm.spectral import check_positive
 from tfconvnorm.spectral import matmul as matmul_lib
 from tfconvnorm.spectral.operator import prepare_kernel
 
-#: Kernel layouts a constraint/regularizer accepts (see OperatorNormConstraint).
-LAYOUT_CONV = "conv"
-LAYOUT_DEPTHWISE = "depthwise"
-LAYOUT_CONV_TRANSPOSE = "conv_transpose"
-LAYOUTS = (LAYOUT_CONV, LAYOUT_DEPTHWISE, LAYOUT_CONV_TRANSPOSE)
+#: Kernel layouts a constraint/regularizer accepts (see OperatorNormConstraint):
+#: the kinds whose variable layouts the others share (`geometry.KINDS[k].layout`).
+LAYOUT_CONV = geometry_lib.KIND_CONV
+LAYOUT_DEPTHWISE = geometry_lib.KIND_DEPTHWISE
+LAYOUT_CONV_TRANSPOSE = geometry_lib.KIND_CONV_TRANSPOSE
+LAYOUTS = tuple(dict.fromkeys(spec.layout for spec in geometry_lib.KINDS.values()))
 
 #: What a constraint does after every optimizer step by default: rescale the
 #: kernel onto the ball (like keras.constraints.MaxNorm, with the certified
 #: operator norm): one norm per step, not a projection.
 DEFAULT_CONSTRAINT_METHOD = "rescale"
-
-_LAYOUT_OF_KIND = {
-    geometry_lib.KIND_CONV: LAYOUT_CONV,
-    geometry_lib.KIND_DENSE: LAYOUT_CONV,
-    geometry_lib.KIND_SEPARABLE_POINTWISE: LAYOUT_CONV,
-    geometry_lib.KIND_DEPTHWISE: LAYOUT_DEPTHWISE,
-    geometry_lib.KIND_SEPARABLE_DEPTHWISE: LAYOUT_DEPTHWISE,
-    geometry_lib.KIND_CONV_TRANSPOSE: LAYOUT_CONV_TRANSPOSE,
-}
-
 
 def _normalize_padding_arg(padding):
     """A padding mode name, or per-axis (before, after) pairs as tuples (JSON
@@ -137,9 +128,7 @@ class _OperatorGeometry:
                     dilation_rate=self.dilation_rate, groups=groups, padding=self.padding)
 
     def kind(self):
-        return {LAYOUT_CONV: geometry_lib.KIND_CONV,
-                LAYOUT_DEPTHWISE: geometry_lib.KIND_DEPTHWISE,
-                LAYOUT_CONV_TRANSPOSE: geometry_lib.KIND_CONV_TRANSPOSE}[self.layout]
+        return self.layout  # a layout is the kind whose variable layout it is
 
     def config(self):
         config = dict(input_shape=self.input_shape, strides=self.strides,
@@ -345,7 +334,7 @@ class OperatorNormRegularizer(keras.regularizers.Regularizer):
 def _geometry_args(operator):
     """Constraint arguments reproducing a `LayerOperator`'s geometry."""
     geometry = operator.geometry
-    layout = _LAYOUT_OF_KIND[geometry.kind]
+    layout = geometry_lib.KINDS[geometry.kind].layout
     args = dict(input_shape=geometry.layer_input_shape, strides=geometry.strides or 1,
                 dilation_rate=geometry.dilation_rate or 1,
                 groups=geometry.groups if layout == LAYOUT_CONV else 1, layout=layout,

@@ -35,8 +35,6 @@ ALL_KINDS = (KIND_CONV, KIND_DEPTHWISE, KIND_CONV_TRANSPOSE, KIND_SEPARABLE_DEPT
              KIND_SEPARABLE_POINTWISE, KIND_DENSE)
 # Every kind except Dense: what "all convolutions" means for clipping.
 CONV_KINDS = tuple(kind for kind in ALL_KINDS if kind != KIND_DENSE)
-# Kinds whose variable is a depthwise kernel `(*k, c_in, multiplier)`.
-DEPTHWISE_KINDS = (KIND_DEPTHWISE, KIND_SEPARABLE_DEPTHWISE)
 # Recorded as `padding` for Dense layers, which have none.
 DENSE_PADDING = "dense"
 #: `boundary` choices of `model_geometry`: the layer's own zero padding (every
@@ -46,14 +44,76 @@ BOUNDARY_LAYER = "layer"
 BOUNDARY_CIRCULAR = spectral.CIRCULAR
 BOUNDARIES = (BOUNDARY_LAYER, BOUNDARY_CIRCULAR)
 
-_CONV_CLASSES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
-_CONV_TRANSPOSE_CLASSES = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
-                           keras.layers.Conv3DTranspose)
-_DEPTHWISE_CLASSES = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
-_SEPARABLE_CLASSES = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
-_DENSE_CLASSES = (keras.layers.Dense,)
-OPERATOR_LAYER_CLASSES = (_CONV_CLASSES + _CONV_TRANSPOSE_CLASSES + _DEPTHWISE_CLASSES
-                          + _SEPARABLE_CLASSES + _DENSE_CLASSES)
+
+
+@dataclasses.dataclass(frozen=True)
+class KindSpec:
+    """What the package knows about one kind of kernel: the one table (`KINDS`)
+    that geometry, the constraints and the Lipschitz bound read.
+
+    Attributes:
+      kind: its name (one of `ALL_KINDS`).
+      layer_classes: the Keras layers owning a kernel of this kind.
+      variable: the layer attribute holding the kernel variable.
+      constraint_attribute: the layer attribute its constraint goes to.
+      layout: the `layout` of an `OperatorNormConstraint` for this kernel:
+        the kind whose variable layout it shares ("conv", "depthwise" or
+        "conv_transpose").
+      depthwise: the variable is `(*k, c_in, m)`, the convolution layout
+        `(*k, 1, c_in * m)` with `groups = c_in` (`to_conv_layout`).
+      fold_scale: `(value, scale) -> value` with a per-output-channel scale
+        (a following BatchNormalization's) folded into the variable (in its
+        own layout): the axis the layer's output channels live on.
+    """
+
+    kind: str
+    layer_classes: tuple
+    variable: str
+    constraint_attribute: str
+    layout: str
+    depthwise: bool = False
+    fold_scale: object = None
+
+
+def _fold_last(value, scale):
+    return value * scale
+
+
+def _fold_depthwise(value, scale):
+    # Output channel c * m + j is (c, j) of the (*k, c_in, m) variable.
+    return value * scale.reshape(value.shape[-2:])
+
+
+KINDS = {spec.kind: spec for spec in (
+    KindSpec(KIND_CONV, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D),
+             "kernel", "kernel_constraint", KIND_CONV, fold_scale=_fold_last),
+    KindSpec(KIND_DEPTHWISE, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D),
+             "kernel", "depthwise_constraint", KIND_DEPTHWISE, depthwise=True,
+             fold_scale=_fold_depthwise),
+    KindSpec(KIND_CONV_TRANSPOSE, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+                                   keras.layers.Conv3DTranspose),
+             "kernel", "kernel_constraint", KIND_CONV_TRANSPOSE,
+             # (*k, filters, in): the filters are its outputs.
+             fold_scale=lambda value, scale: value * scale[:, None]),
+    KindSpec(KIND_SEPARABLE_DEPTHWISE, (keras.layers.SeparableConv1D,
+                                        keras.layers.SeparableConv2D),
+             "depthwise_kernel", "depthwise_constraint", KIND_DEPTHWISE, depthwise=True,
+             fold_scale=_fold_depthwise),
+    KindSpec(KIND_SEPARABLE_POINTWISE, (keras.layers.SeparableConv1D,
+                                        keras.layers.SeparableConv2D),
+             "pointwise_kernel", "pointwise_constraint", KIND_CONV, fold_scale=_fold_last),
+    KindSpec(KIND_DENSE, (keras.layers.Dense,), "kernel", "kernel_constraint", KIND_CONV,
+             fold_scale=_fold_last),
+)}
+assert set(KINDS) == set(ALL_KINDS)
+
+_CONV_CLASSES = KINDS[KIND_CONV].layer_classes
+_CONV_TRANSPOSE_CLASSES = KINDS[KIND_CONV_TRANSPOSE].layer_classes
+_DEPTHWISE_CLASSES = KINDS[KIND_DEPTHWISE].layer_classes
+_SEPARABLE_CLASSES = KINDS[KIND_SEPARABLE_DEPTHWISE].layer_classes
+_DENSE_CLASSES = KINDS[KIND_DENSE].layer_classes
+OPERATOR_LAYER_CLASSES = tuple(dict.fromkeys(
+    cls for spec in KINDS.values() for cls in spec.layer_classes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +236,7 @@ def to_conv_layout(kernel, kind):
     convolution kernel `(*k, 1, c_in * m)` with `groups = c_in`, whose output
     channel `c * m + j` is Keras' depthwise output channel order.
     """
-    if kind not in DEPTHWISE_KINDS:
+    if not KINDS[kind].depthwise:
         return kernel
     kernel = tf.convert_to_tensor(kernel)
     shape = kernel.shape
@@ -185,7 +245,7 @@ def to_conv_layout(kernel, kind):
 
 def from_conv_layout(kernel, kind, variable_shape):
     """Inverse of `to_conv_layout`: back to the variable's own shape."""
-    if kind not in DEPTHWISE_KINDS:
+    if not KINDS[kind].depthwise:
         return kernel
     return tf.reshape(kernel, tuple(variable_shape))
 
@@ -210,7 +270,7 @@ class LayerOperator:
     @property
     def constraint_attribute(self):
         """Name of the layer attribute holding this kernel's constraint."""
-        return _CONSTRAINT_ATTRIBUTES[self.geometry.kind]
+        return KINDS[self.geometry.kind].constraint_attribute
 
     def to_spectral(self, value):
         """Variable layout -> convolution layout for `tfconvnorm.spectral`."""
@@ -219,16 +279,6 @@ class LayerOperator:
     def from_spectral(self, value):
         """Convolution layout -> the variable's own layout."""
         return from_conv_layout(value, self.geometry.kind, self.variable.shape)
-
-
-_CONSTRAINT_ATTRIBUTES = {
-    KIND_CONV: "kernel_constraint",
-    KIND_CONV_TRANSPOSE: "kernel_constraint",
-    KIND_DENSE: "kernel_constraint",
-    KIND_DEPTHWISE: "depthwise_constraint",
-    KIND_SEPARABLE_DEPTHWISE: "depthwise_constraint",
-    KIND_SEPARABLE_POINTWISE: "pointwise_constraint",
-}
 
 
 def is_operator_layer(layer):
@@ -362,7 +412,7 @@ def _unique_names(operators):
 def _operators_for(layer, spatial, round_up=False, boundary=BOUNDARY_LAYER):
     """The `LayerOperator`s of one built layer whose spatial input size is known."""
     if isinstance(layer, _DENSE_CLASSES):
-        variable = _kernel_variable(layer, "kernel")
+        variable = _kernel_variable(layer, KINDS[KIND_DENSE].variable)
         geometry = ConvGeometry(tuple(variable.shape), (), (), (), 1, KIND_DENSE,
                                 DENSE_PADDING)
         return [LayerOperator(variable.path, layer, variable, geometry)]
@@ -371,7 +421,7 @@ def _operators_for(layer, spatial, round_up=False, boundary=BOUNDARY_LAYER):
     dilation = tuple(layer.dilation_rate)
     padding, layer_padding = _operator_padding(layer, boundary)
     if isinstance(layer, _CONV_TRANSPOSE_CLASSES):
-        variable = _kernel_variable(layer, "kernel")
+        variable = _kernel_variable(layer, KINDS[KIND_CONV_TRANSPOSE].variable)
         kernel_size = tuple(variable.shape[:-2])
         size = transposed_forward_size(spatial, kernel_size, strides, dilation, padding,
                                        layer.output_padding, f"Layer '{layer.name}'")
@@ -382,18 +432,17 @@ def _operators_for(layer, spatial, round_up=False, boundary=BOUNDARY_LAYER):
     size, approximate = ((spatial, False) if padding != spectral.CIRCULAR
                          else _divisible_size(layer, spatial, strides, round_up))
     if isinstance(layer, _CONV_CLASSES):
-        variable = _kernel_variable(layer, "kernel")
+        variable = _kernel_variable(layer, KINDS[KIND_CONV].variable)
         geometry = ConvGeometry(tuple(variable.shape), size, strides, dilation,
                                 int(layer.groups), KIND_CONV, padding, approximate,
                                 layer_padding)
         return [LayerOperator(variable.path, layer, variable, geometry)]
 
     if isinstance(layer, _DEPTHWISE_CLASSES):
-        variable = _kernel_variable(layer, "kernel")
         kind = KIND_DEPTHWISE
     else:  # separable
-        variable = _kernel_variable(layer, "depthwise_kernel")
         kind = KIND_SEPARABLE_DEPTHWISE
+    variable = _kernel_variable(layer, KINDS[kind].variable)
     shape = tuple(variable.shape)
     conv_shape = shape[:-2] + (1, shape[-2] * shape[-1])
     depthwise = LayerOperator(variable.path, layer, variable, ConvGeometry(
@@ -401,7 +450,7 @@ def _operators_for(layer, spatial, round_up=False, boundary=BOUNDARY_LAYER):
         layer_padding))
     if kind == KIND_DEPTHWISE:
         return [depthwise]
-    pointwise_variable = _kernel_variable(layer, "pointwise_kernel")
+    pointwise_variable = _kernel_variable(layer, KINDS[KIND_SEPARABLE_POINTWISE].variable)
     # The pointwise part is a 1x1 convolution of the depthwise part's output:
     # the same operator with every padding ('valid', no pads), and exactly
     # circular.

@@ -310,13 +310,8 @@ def _folded_kernel(op, scale):
     """The operator's kernel (conv layout) with a BN scale folded into its
     output channels."""
     value = np.asarray(op.variable.numpy(), np.float64)
-    if op.geometry.kind == geometry_lib.KIND_CONV_TRANSPOSE:
-        value = value * scale[:, None]   # (*k, filters, in): filters are its outputs
-    elif op.geometry.kind in geometry_lib.DEPTHWISE_KINDS:
-        value = value * scale.reshape(value.shape[-2:])
-    else:
-        value = value * scale
-    return np.asarray(op.to_spectral(value))
+    return np.asarray(op.to_spectral(geometry_lib.KINDS[op.geometry.kind].fold_scale(value,
+                                                                                   scale)))
 
 
 def _foldable(source, bn):
