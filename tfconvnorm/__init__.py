@@ -48,8 +48,8 @@ from tfconvnorm.geometry import (
     model_geometry,
 )
 from tfconvnorm.constraints import OperatorNormConstraint, OperatorNormRegularizer, constrain
-from tfconvnorm.callbacks import (OperatorNormClipper, PreciseBatchNorm, SpectrumLogger,
-                                  recalibrate_batch_norm)
+from tfconvnorm.batch_norm import PreciseBatchNorm, recalibrate_batch_norm
+from tfconvnorm.callbacks import OperatorNormClipper, SpectrumLogger
 from tfconvnorm.lipschitz import LipschitzBound, empirical_lower_bound, lipschitz_bound
 from tfconvnorm import checkpoints
 from tfconvnorm import plotting

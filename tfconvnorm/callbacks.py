@@ -1,5 +1,6 @@
-"""Keras callbacks: periodic operator-norm projection and TensorBoard spectra, and
-`recalibrate_batch_norm`, which a clipped model needs before inference.
+"""Keras callbacks: periodic operator-norm projection and TensorBoard spectra.
+(BN re-estimation, which a clipped model needs before inference, is
+`tfconvnorm.batch_norm`; its names stay importable from here.)
 
 Both find the model's operator layers and their input sizes themselves
 (`tfconvnorm.model_geometry`) and do all layers in one compiled
@@ -8,14 +9,16 @@ Both find the model's operator layers and their input sizes themselves
 """
 
 import os
-import weakref
 
 from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfconvnorm import _compat
+from tfconvnorm.batch_norm import (  # noqa: F401  (re-exported: their first home)
+    DEFAULT_BATCH_NORM_BATCHES, PreciseBatchNorm, check_batch_norm_data,
+    recalibrate_batch_norm)
+from tfconvnorm.spectral.arguments import check_positive_int
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm import lipschitz as lipschitz_lib
 from tfconvnorm import plotting
@@ -24,23 +27,11 @@ from tfconvnorm import spectral
 #: The published experiments projected every 100 steps with the single clip.
 DEFAULT_EVERY_N_STEPS = 100
 DEFAULT_CLIPPER_METHOD = "paper"
-DEFAULT_BATCH_NORM_BATCHES = 20
-# {model: (its BN layers, compiled batch-statistics function)}.
-_BATCH_STATISTICS = weakref.WeakKeyDictionary()
 #: Subdirectory of `log_dir` for the spectra, beside keras.callbacks.TensorBoard's
 #: "train" and "validation".
 SPECTRA_SUBDIR = "spectra"
 #: Resolution of the spectra image (TensorBoard shows it small anyway).
 _FIGURE_DPI = 80
-
-
-def _check_positive_int(value, argument, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{argument}` must be a positive int{' or None' if allow_none else ''}; "
-                         f"received {argument}={value!r}.")
-    return value
 
 
 def make_projection_fn(operators, max_norm, method=DEFAULT_CLIPPER_METHOD, iterations=None,
@@ -110,99 +101,6 @@ def optimizer_step(model):
     if inner is not None:
         step = max(step, int(keras.ops.convert_to_numpy(inner.iterations)))
     return step
-
-
-def recalibrate_batch_norm(model, dataset, num_batches):
-    """Re-estimates every BatchNormalization layer's moving statistics ("precise BN").
-
-    The moving averages lag behind the weights: a projection changes the convs
-    at once, and the mismatch compounds through the network's BN layers in
-    inference mode. Training itself uses batch statistics, so this changes
-    nothing but evaluation: each layer's moving mean and variance become the
-    averages of its batch statistics over `num_batches` batches of `dataset`
-    (Wu & Johnson 2021, "Rethinking Batch in BatchNorm", PreciseBN).
-
-    `dataset` is a tf.data.Dataset of (inputs, labels) batches (cycled from its
-    start) or an iterator over such batches (continued where it stands).
-
-    Returns:
-      The number of batches used (0 when the model has no BN layer).
-    """
-    layers = [l for l in _compat.flatten_layers(model)
-              if isinstance(l, keras.layers.BatchNormalization)]
-    if not layers or num_batches < 1:
-        return 0
-    momenta = [l.momentum for l in layers]
-    try:
-        for layer in layers:
-            layer.momentum = 0.0  # each call leaves exactly that batch's statistics
-        cached = _BATCH_STATISTICS.get(model)
-        if cached is None or cached[0] != layers:
-            # Traced once per model (momentum 0 is a constant of the trace): a clipper
-            # that re-estimates after every projection must not retrace each time.
-            model_ref = weakref.ref(model)  # the cache must not keep the model alive
-
-            @tf.function
-            def batch_statistics(images):
-                model_ref()(images, training=True)
-                return [(l.moving_mean.value, l.moving_variance.value) for l in layers]
-            cached = _BATCH_STATISTICS[model] = (layers, batch_statistics)
-        batch_statistics = cached[1]
-
-        sums, count = None, 0
-        batches = (dataset.repeat().take(num_batches) if isinstance(dataset, tf.data.Dataset)
-                   else (next(dataset) for _ in range(num_batches)))
-        for images, _ in batches:
-            stats = [(m.numpy().astype(np.float64), v.numpy().astype(np.float64))
-                     for m, v in batch_statistics(images)]
-            sums = stats if sums is None else [
-                (sm + m, sv + v) for (sm, sv), (m, v) in zip(sums, stats)]
-            count += 1
-        for layer, (mean_sum, var_sum) in zip(layers, sums):
-            layer.moving_mean.assign(mean_sum / count)
-            layer.moving_variance.assign(var_sum / count)
-    finally:
-        for layer, momentum in zip(layers, momenta):
-            layer.momentum = momentum
-    return count
-
-
-class PreciseBatchNorm(keras.callbacks.Callback):
-    """Re-estimates the BN statistics (`recalibrate_batch_norm`) before every
-    validation in `fit`, so that per-epoch validation measures the weights as
-    they are, not running averages that lag behind them.
-
-    The lag is worst with few steps per epoch and after each projection of
-    `OperatorNormClipper`: a projection shrinks the convs at once (and with
-    them BN's effective learning rate grows), and validation with Keras'
-    running averages can sit at chance for epochs while training is fine.
-    Training never uses the running averages, so only evaluation changes.
-    Costs `num_batches` forward passes per validation.
-
-    Args:
-      dataset: (inputs, labels) batches of training data (a tf.data.Dataset).
-      num_batches: batches per re-estimation (an integer >= 1).
-    """
-
-    def __init__(self, dataset, num_batches=DEFAULT_BATCH_NORM_BATCHES):
-        super().__init__()
-        self.dataset = _check_batch_norm_data(dataset, "dataset", allow_none=False)
-        self.num_batches = _check_positive_int(num_batches, "num_batches")
-        self._iterator = None
-
-    def on_test_begin(self, logs=None):
-        # One iterator for the whole run: a new one per validation would refill
-        # the dataset's shuffle buffer each time, which costs more than the passes.
-        if self._iterator is None:
-            self._iterator = iter(self.dataset.repeat())
-        recalibrate_batch_norm(self.model, self._iterator, self.num_batches)
-
-
-def _check_batch_norm_data(value, argument, allow_none=True):
-    if (value is None and allow_none) or isinstance(value, tf.data.Dataset):
-        return value
-    raise TypeError(f"{argument} must be a tf.data.Dataset of (inputs, labels) batches"
-                    f"{' or None' if allow_none else ''}, got {type(value).__name__}")
 
 
 class _OperatorCallback(keras.callbacks.Callback):
@@ -286,10 +184,10 @@ class OperatorNormClipper(_OperatorCallback):
                  method=DEFAULT_CLIPPER_METHOD, layers=None, kinds=None, iterations=None,
                  log_norms=True, batch_norm_data=None,
                  batch_norm_batches=DEFAULT_BATCH_NORM_BATCHES, **geometry_kwargs):
-        super().__init__(_check_positive_int(every_n_steps, "every_n_steps"), layers, kinds,
+        super().__init__(check_positive_int(every_n_steps, "every_n_steps"), layers, kinds,
                          geometry_kwargs)
-        self.batch_norm_data = _check_batch_norm_data(batch_norm_data, "batch_norm_data")
-        self.batch_norm_batches = _check_positive_int(batch_norm_batches, "batch_norm_batches")
+        self.batch_norm_data = check_batch_norm_data(batch_norm_data, "batch_norm_data")
+        self.batch_norm_batches = check_positive_int(batch_norm_batches, "batch_norm_batches")
         self.max_norm = spectral.check_positive(max_norm, "max_norm")
         spectral.check_method(method)
         self.method = method
@@ -440,12 +338,12 @@ class SpectrumLogger(_OperatorCallback):
                  log_image=True, log_bounds=True,
                  bound_iterations=spectral.DEFAULT_POWER_ITERATIONS, log_lipschitz=True,
                  **geometry_kwargs):
-        super().__init__(_check_positive_int(every_n_steps, "every_n_steps", allow_none=True),
+        super().__init__(check_positive_int(every_n_steps, "every_n_steps", allow_none=True),
                          layers, kinds, geometry_kwargs)
         if not isinstance(log_dir, (str, os.PathLike)) or not str(log_dir):
             raise ValueError(f"`log_dir` must be a path; received log_dir={log_dir!r}.")
         self.log_dir = os.fspath(log_dir)
-        self.every_n_epochs = _check_positive_int(every_n_epochs, "every_n_epochs",
+        self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs",
                                                   allow_none=True)
         self.log_image = log_image
         self.log_bounds = log_bounds

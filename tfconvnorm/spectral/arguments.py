@@ -37,6 +37,16 @@ def int_tuple(value, rank, name):
     return items
 
 
+def check_positive_int(value, argument, allow_none=False):
+    """`value` if it is a positive int (or None where allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{argument}` must be a positive int{' or None' if allow_none else ''}; "
+                         f"received {argument}={value!r}.")
+    return value
+
+
 def check_method(method, argument="method"):
     """`method` if it is one of `METHODS`."""
     if method not in METHODS:

@@ -28,7 +28,8 @@ from tfconvnorm import files
 from tfconvnorm import geometry as tfcn_geometry
 from tfconvnorm import lipschitz as tfcn_lipschitz
 from tfconvnorm import spectral as tfcn_spectral
-from tfconvnorm.callbacks import optimizer_step, recalibrate_batch_norm
+from tfconvnorm.batch_norm import PreciseBatchNorm, recalibrate_batch_norm
+from tfconvnorm.callbacks import optimizer_step
 from tfconvnorm.models import cifar_input
 from tfconvnorm.models import resnet_v2
 from tfconvnorm.training.config import (BACKUP_DIR, CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE,
@@ -323,7 +324,7 @@ def train_and_evaluate(config, model_dir):
         callbacks.append(_EpochCheckpoint(manager))
         if config.validation_bn_batches:
             # After the recorder, whose clock stops when validation begins.
-            callbacks.append(tfcn_callbacks.PreciseBatchNorm(train_data,
+            callbacks.append(PreciseBatchNorm(train_data,
                                                              config.validation_bn_batches))
         callbacks.append(
             keras.callbacks.TensorBoard(log_dir, update_freq="epoch", profile_batch=0))
