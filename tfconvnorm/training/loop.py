@@ -324,8 +324,7 @@ def train_and_evaluate(config, model_dir):
         callbacks.append(_EpochCheckpoint(manager))
         if config.validation_bn_batches:
             # After the recorder, whose clock stops when validation begins.
-            callbacks.append(PreciseBatchNorm(train_data,
-                                                             config.validation_bn_batches))
+            callbacks.append(PreciseBatchNorm(train_data, config.validation_bn_batches))
         callbacks.append(
             keras.callbacks.TensorBoard(log_dir, update_freq="epoch", profile_batch=0))
 
