@@ -104,6 +104,11 @@ MUTANTS = {
     "lower_bounds_10pct_low": _bounds_without_lower(),
     "gelu_constant_1": _gelu_as_one,
     "max_pool_overlap_ignored": _max_pool_without_overlap,
+    # The training-time path: its certified bound 1% low (the constraint and
+    # regularizer then under-shrink).
+    "matmul_bound_1pct_low": lambda: _wrap(
+        "tfconvnorm.spectral.matmul", "norm_upper_bound",
+        lambda original: lambda *args, **kwargs: original(*args, **kwargs) * 0.99),
 }
 
 
