@@ -106,7 +106,12 @@ def test_tools_help_lists_their_own_flags_and_starts_quietly(tmp_path):
     assert "--clip_to" in train.stdout and "Operator-norm bound for every conv" in train.stdout
     analyze = _tool("tfconvnorm-analyze", "--help", cwd=tmp_path)
     assert "--checkpoint" in analyze.stdout and "A .keras file" in analyze.stdout
-    for done in (train, analyze):
+    # The checkout's script, as the README runs it, the same way.
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    checkout = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert "--clip_to" in checkout.stdout
+    for done in (train, analyze, checkout):
         # absl's --help exits 1 without running anything.
         assert done.returncode in (0, 1), done.stderr[-2000:]
         assert "oneDNN" not in done.stderr and "InitializeLog" not in done.stderr, done.stderr
