@@ -18,7 +18,8 @@ import tensorflow as tf
 from tfconvnorm.batch_norm import (  # noqa: F401  (re-exported: their first home)
     DEFAULT_BATCH_NORM_BATCHES, PreciseBatchNorm, check_batch_norm_data,
     recalibrate_batch_norm)
-from tfconvnorm.spectral.arguments import check_positive_int
+from tfconvnorm.spectral.arguments import (check_method, check_positive, check_positive_int,
+                                           core_tensor)
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm import lipschitz as lipschitz_lib
 from tfconvnorm import plotting
@@ -56,8 +57,8 @@ def make_projection_fn(operators, max_norm, method=DEFAULT_CLIPPER_METHOD, itera
       False), a `tf.function` that traces once (on its first call, or on
       `get_concrete_function()`).
     """
-    spectral.check_positive(max_norm, "max_norm")
-    spectral.check_method(method)
+    check_positive(max_norm, "max_norm")
+    check_method(method)
     operators = list(operators)
     if not operators:
         raise ValueError("`operators` is empty: there is nothing to project.")
@@ -188,8 +189,8 @@ class OperatorNormClipper(_OperatorCallback):
                          geometry_kwargs)
         self.batch_norm_data = check_batch_norm_data(batch_norm_data, "batch_norm_data")
         self.batch_norm_batches = check_positive_int(batch_norm_batches, "batch_norm_batches")
-        self.max_norm = spectral.check_positive(max_norm, "max_norm")
-        spectral.check_method(method)
+        self.max_norm = check_positive(max_norm, "max_norm")
+        check_method(method)
         self.method = method
         self.iterations = iterations
         self.log_norms = log_norms
@@ -256,7 +257,7 @@ def _spectra_figure_png(names, spectra, title):
 def _spectral_kernels(operators, with_dtypes=False):
     """Every operator's current kernel in the conv layout and a core dtype (and,
     with `with_dtypes`, the variables' own dtypes)."""
-    pairs = [spectral.core_tensor(op.variable) for op in operators]
+    pairs = [core_tensor(op.variable) for op in operators]
     kernels = [op.to_spectral(value) for op, (value, _) in zip(operators, pairs)]
     return (kernels, [dtype for _, dtype in pairs]) if with_dtypes else kernels
 

@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm import spectral
-from tfconvnorm.spectral import check_positive
+from tfconvnorm.spectral.arguments import check_method, check_positive, core_tensor
 from tfconvnorm.spectral import matmul as matmul_lib
 from tfconvnorm.spectral.operator import prepare_kernel
 
@@ -141,7 +141,7 @@ class _OperatorGeometry:
 
 def _operator_norm(geometry, w):
     """(exact operator norm of the kernel `w` in its own layout, w's dtype)."""
-    kernel, dtype = spectral.core_tensor(w)
+    kernel, dtype = core_tensor(w)
     conv = geometry_lib.to_conv_layout(kernel, geometry.kind())
     return spectral.conv_operator_norm(conv, **geometry.spectral_args(kernel.shape)), dtype
 
@@ -149,7 +149,7 @@ def _operator_norm(geometry, w):
 def _norm_upper_bound(geometry, w):
     """(certified upper bound on the norm of the kernel `w` in its own layout, on
     the matmul path (compiles under XLA); the conv-layout kernel; w's dtype)."""
-    kernel, dtype = spectral.core_tensor(w)
+    kernel, dtype = core_tensor(w)
     # The core's finiteness check: raises eagerly and in tf.functions; under
     # XLA it compiles to nothing and a NaN kernel (already written by the
     # optimizer) stays NaN.
@@ -226,7 +226,7 @@ class OperatorNormConstraint(keras.constraints.Constraint):
                  method=DEFAULT_CONSTRAINT_METHOD, iterations=None, layout=LAYOUT_CONV,
                  padding=spectral.CIRCULAR, output_padding=None):
         self.max_norm = check_positive(max_norm, "max_norm")
-        spectral.check_method(method)
+        check_method(method)
         if iterations is not None and (isinstance(iterations, bool)
                                        or not isinstance(iterations, int) or iterations < 1):
             raise ValueError(f"`iterations` must be None or a positive int; received "
@@ -246,7 +246,7 @@ class OperatorNormConstraint(keras.constraints.Constraint):
     @tf.autograph.experimental.do_not_convert
     def __call__(self, w):
         # The matmul path for every method: static shapes, compiles under XLA.
-        kernel, dtype = spectral.core_tensor(w)
+        kernel, dtype = core_tensor(w)
         # The core's finiteness check: raises eagerly and in tf.functions;
         # under XLA it compiles to nothing and a NaN kernel (already written
         # by the optimizer) stays NaN.

@@ -67,8 +67,7 @@ Everything here is pure TensorFlow: graph-safe (`tf.function` with static
 kernel shapes), dtype-preserving, and free of Keras.
 """
 
-from tfconvnorm.spectral.arguments import (CORE_DTYPES, METHODS, check_method, check_positive,
-                                           core_tensor)
+from tfconvnorm.spectral.arguments import METHODS
 from tfconvnorm.spectral.bounds import (
     DEFAULT_POWER_ITERATIONS,
     NormBounds,
