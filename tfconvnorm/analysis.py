@@ -80,8 +80,7 @@ def analyse(checkpoint, output_dir, format=None, architecture=None, depth=None, 
         raise ValueError(f"layers must be a regular expression, got {layers!r}: {error}") from None
     if not output_dir:
         raise ValueError(f"output_dir must name a directory, got {output_dir!r}")
-    if boundary not in geometry.BOUNDARIES:
-        raise ValueError(f"boundary must be one of {geometry.BOUNDARIES}, got {boundary!r}")
+    geometry.check_boundary(boundary)
     found = checkpoints.read(checkpoint, format=format, architecture=architecture, depth=depth,
                              image_size=image_size)
     records, fmt, description = found.records, found.format, found.architecture

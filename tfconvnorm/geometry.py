@@ -45,7 +45,6 @@ BOUNDARY_CIRCULAR = spectral.CIRCULAR
 BOUNDARIES = (BOUNDARY_LAYER, BOUNDARY_CIRCULAR)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class KindSpec:
     """What the package knows about one kind of kernel: the one table (`KINDS`)
@@ -204,20 +203,13 @@ def circular_geometry(geometry, round_up=True):
     g = geometry
     if g.kind == KIND_DENSE or g.padding == spectral.CIRCULAR:
         return g
-    approximate = False
     if g.kind == KIND_CONV_TRANSPOSE:
-        size = tuple(n * s for n, s in zip(g.layer_input_shape, g.strides))
-    elif g.kind == KIND_SEPARABLE_POINTWISE:
-        size = tuple(g.input_shape)
-    else:
-        size = tuple(g.input_shape)
-        if any(n % s for n, s in zip(size, g.strides)):
-            if not round_up:
-                raise ValueError(
-                    f"strides {g.strides} do not divide the input size {size}: the circular "
-                    "operator is not defined there; pass round_up=True for the next multiple "
-                    "of the stride (an approximation).")
-            size, approximate = tuple(-(-n // s) * s for n, s in zip(size, g.strides)), True
+        size, approximate = transposed_forward_size(
+            g.layer_input_shape, g.kernel_shape[:-2], g.strides, g.dilation_rate,
+            spectral.CIRCULAR), False
+    else:  # the pointwise part's stride is 1
+        size, approximate = _divisible_size("The layer", tuple(g.input_shape), g.strides,
+                                            round_up)
     return dataclasses.replace(g, input_shape=size, padding=spectral.CIRCULAR,
                                approximate=approximate, layer_padding=g.padding)
 
@@ -328,14 +320,15 @@ def _kernel_variable(layer, attribute):
     return variable
 
 
-def _divisible_size(layer, size, strides, round_up):
+def _divisible_size(what, size, strides, round_up):
     """Checks that each stride divides the input size, or rounds the size up
-    (for the circular operator only: a zero-padded layer needs neither)."""
+    (for the circular operator only: a zero-padded layer needs neither).
+    `what` names the layer in the error."""
     if all(n % s == 0 for n, s in zip(size, strides)):
         return size, False
     if not round_up:
         raise ValueError(
-            f"Layer '{layer.name}': its strides {strides} do not divide its input size "
+            f"{what}: its strides {strides} do not divide its input size "
             f"{size}, so the circular operator (boundary='circular') is not defined. Use "
             "the layer's own padding (boundary='layer', the default), pass round_up=True "
             "to use the next multiple of the stride (an approximation), or an input size "
@@ -430,7 +423,8 @@ def _operators_for(layer, spatial, round_up=False, boundary=BOUNDARY_LAYER):
         return [LayerOperator(variable.path, layer, variable, geometry)]
 
     size, approximate = ((spatial, False) if padding != spectral.CIRCULAR
-                         else _divisible_size(layer, spatial, strides, round_up))
+                         else _divisible_size(f"Layer '{layer.name}'", spatial, strides,
+                                              round_up))
     if isinstance(layer, _CONV_CLASSES):
         variable = _kernel_variable(layer, KINDS[KIND_CONV].variable)
         geometry = ConvGeometry(tuple(variable.shape), size, strides, dilation,
@@ -513,7 +507,7 @@ def _agreed_spatial(layer, shapes):
     return sizes[0] if sizes else None
 
 
-def _check_boundary(boundary):
+def check_boundary(boundary):
     if boundary not in BOUNDARIES:
         raise ValueError(f"`boundary` must be one of {BOUNDARIES}; received "
                          f"boundary={boundary!r}.")
@@ -543,7 +537,7 @@ def layer_geometry(layer, input_shape=None, round_up=False, boundary=BOUNDARY_LA
       ValueError: the layer is not an operator layer, not built, its input size
         is unknown or ambiguous, or ("circular") a stride does not divide it.
     """
-    _check_boundary(boundary)
+    check_boundary(boundary)
     if not is_operator_layer(layer):
         raise ValueError(
             f"Layer '{getattr(layer, 'name', layer)}' ({type(layer).__name__}) is not a "
@@ -670,7 +664,7 @@ def model_geometry(model, layers=None, input_shape=None, layer_input_shapes=None
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a keras.Model; received {type(model).__name__}.")
     _check_built(model)
-    _check_boundary(boundary)
+    check_boundary(boundary)
     if kinds is not None:
         unknown = [k for k in kinds if k not in ALL_KINDS]
         if unknown:
