@@ -105,7 +105,8 @@ def keras_part_matrices(layer, input_shape):
         c_in, m = layer.depthwise_kernel.shape[-2:]
         return {"depthwise_kernel": (_matrix(depthwise, input_shape), c_in * m, c_in, c_in),
                 "pointwise_kernel": (_matrix(pointwise, mid), config["filters"], c_in * m, 1)}
-    twin = _float64_twin(type(layer), config, input_shape, layer.get_weights())
+    # The kernel alone: the twin is bias-free (a bias is no part of the operator).
+    twin = _float64_twin(type(layer), config, input_shape, [layer.kernel.numpy()])
     c_in = input_shape[-1]
     if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
         m = layer.kernel.shape[-1]
