@@ -3,7 +3,8 @@
 After a projection of the convs, Keras' running averages lag behind the weights
 for hundreds of steps; `recalibrate_batch_norm` replaces them by averages of
 batch statistics, and `PreciseBatchNorm` does that before every validation in
-`fit`. TensorFlow backend (a `tf.function` over the model).
+`fit`. Every Keras backend: a `tf.function` over the model under TensorFlow,
+`jax.jit` of its stateless call under JAX, eager calls under PyTorch.
 """
 
 import weakref
@@ -46,22 +47,15 @@ def recalibrate_batch_norm(model, dataset, num_batches):
             layer.momentum = 0.0  # each call leaves exactly that batch's statistics
         cached = _BATCH_STATISTICS.get(model)
         if cached is None or cached[0] != layers:
-            # Traced once per model (momentum 0 is a constant of the trace): a clipper
-            # that re-estimates after every projection must not retrace each time.
-            model_ref = weakref.ref(model)  # the cache must not keep the model alive
-
-            @tf.function
-            def batch_statistics(images):
-                model_ref()(images, training=True)
-                return [(l.moving_mean.value, l.moving_variance.value) for l in layers]
-            cached = _BATCH_STATISTICS[model] = (layers, batch_statistics)
+            cached = _BATCH_STATISTICS[model] = (layers, _batch_statistics_fn(model, layers))
         batch_statistics = cached[1]
 
         sums, count = None, 0
         batches = (dataset.repeat().take(num_batches) if isinstance(dataset, tf.data.Dataset)
                    else (next(dataset) for _ in range(num_batches)))
         for images, _ in batches:
-            stats = [(m.numpy().astype(np.float64), v.numpy().astype(np.float64))
+            stats = [(np.asarray(keras.ops.convert_to_numpy(m), np.float64),
+                      np.asarray(keras.ops.convert_to_numpy(v), np.float64))
                      for m, v in batch_statistics(images)]
             sums = stats if sums is None else [
                 (sm + m, sv + v) for (sm, sv), (m, v) in zip(sums, stats)]
@@ -73,6 +67,50 @@ def recalibrate_batch_norm(model, dataset, num_batches):
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
     return count
+
+
+def _batch_statistics_fn(model, layers):
+    """images -> [(moving_mean, moving_variance)] of `layers` after one forward
+    pass in training mode (momentum 0: that batch's statistics).
+
+    Compiled once per model (momentum 0 is a constant of the trace): a
+    clipper that re-estimates after every projection must not retrace each
+    time. TensorFlow: a `tf.function`; JAX: `jit` of the model's stateless
+    call (the moving statistics are among its non-trainable variables);
+    PyTorch: eager calls without autograd.
+    """
+    model_ref = weakref.ref(model)  # the cache must not keep the model alive
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        @tf.function
+        def batch_statistics(images):
+            model_ref()(images, training=True)
+            return [(l.moving_mean.value, l.moving_variance.value) for l in layers]
+        return batch_statistics
+    if backend == "jax":
+        import jax  # pylint: disable=import-outside-toplevel
+        index = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+        wanted = [(index[id(l.moving_mean)], index[id(l.moving_variance)]) for l in layers]
+
+        @jax.jit
+        def stateless(trainable, non_trainable, images):
+            _, new = model_ref().stateless_call(trainable, non_trainable, images, training=True)
+            return [(new[m], new[v]) for m, v in wanted]
+
+        def batch_statistics(images):
+            m = model_ref()
+            return stateless([v.value for v in m.trainable_variables],
+                             [v.value for v in m.non_trainable_variables],
+                             keras.ops.convert_to_numpy(images))
+        return batch_statistics
+
+    def batch_statistics(images):
+        import torch  # pylint: disable=import-outside-toplevel
+        with torch.no_grad():
+            model_ref()(keras.ops.convert_to_tensor(keras.ops.convert_to_numpy(images)),
+                        training=True)
+        return [(l.moving_mean.value, l.moving_variance.value) for l in layers]
+    return batch_statistics
 
 
 class PreciseBatchNorm(keras.callbacks.Callback):

@@ -65,13 +65,12 @@ def make_projection_fn(operators, max_norm, method=DEFAULT_CLIPPER_METHOD, itera
 
     geometries = [op.geometry for op in operators]
 
-    @tf.function(autograph=False, jit_compile=False)
-    def project():
-        convs, dtypes = _spectral_kernels(operators, with_dtypes=True)
+    def compute(values):
+        convs, dtypes = _spectral_kernels(operators, values, with_dtypes=True)
         # One pooled call for all kernels: one decomposition per matrix size.
         clipped = spectral.clip_conv_singular_values_many(
             convs, geometries, max_norm=max_norm, method=method, iterations=iterations)
-        before, after = [], []
+        before = after = tf.zeros([0], tf.float32)
         if compute_norms:
             def norms(kernels):
                 return tf.stack([tf.cast(n, tf.float32) for n in
@@ -79,14 +78,54 @@ def make_projection_fn(operators, max_norm, method=DEFAULT_CLIPPER_METHOD, itera
             before, after = norms(convs), norms(clipped)
         new_values = [tf.cast(op.from_spectral(c), dtype)
                       for op, c, dtype in zip(operators, clipped, dtypes)]
-        # All or nothing: no assignment before every projection succeeded.
-        with tf.control_dependencies(new_values + ([before, after] if compute_norms else [])):
-            for op, value in zip(operators, new_values):
-                op.variable.assign(value)
-        empty = tf.zeros([0], tf.float32)
-        return (before, after) if compute_norms else (empty, empty)
+        return new_values, before, after
 
-    return project
+    if not _on_host():
+        @tf.function(autograph=False, jit_compile=False)
+        def project():
+            new_values, before, after = compute([op.variable for op in operators])
+            # All or nothing: no assignment before every projection succeeded.
+            with tf.control_dependencies(new_values + [before, after]):
+                for op, value in zip(operators, new_values):
+                    op.variable.assign(value)
+            return tf.identity(before), tf.identity(after)
+
+        return project
+
+    compiled = _host_function(operators, compute)
+
+    def project_on_host():
+        new_values, before, after = compiled()
+        # All computed before any is assigned, as above.
+        for op, value in zip(operators, new_values):
+            op.variable.assign(value.numpy())
+        return before, after
+
+    project_on_host.get_concrete_function = compiled.get_concrete_function
+    return project_on_host
+
+
+def _on_host():
+    """True under Keras' JAX and PyTorch backends: the spectral core is
+    TensorFlow's, so the callbacks move the kernels to NumPy and run it on the
+    host (CPU or whatever TensorFlow sees), outside the backend's train step."""
+    return keras.backend.backend() != "tensorflow"
+
+
+def _host_function(operators, fn):
+    """`fn(values)` (every operator's kernel, TensorFlow tensors in the
+    variables' layouts) as one `tf.function`, called with no arguments on the
+    operators' current kernels, which are copied to NumPy first. Traces once
+    (input signature: the variables' shapes and dtypes)."""
+    specs = [tf.TensorSpec(op.variable.shape, op.variable.dtype) for op in operators]
+    compiled = tf.function(lambda *values: fn(list(values)), input_signature=specs,
+                           autograph=False, jit_compile=False)
+
+    def call():
+        return compiled(*[keras.ops.convert_to_numpy(op.variable.value) for op in operators])
+
+    call.get_concrete_function = compiled.get_concrete_function
+    return call
 
 
 def optimizer_step(model):
@@ -254,41 +293,54 @@ def _spectra_figure_png(names, spectra, title):
     return plotting.figure_to_png(figure, dpi=_FIGURE_DPI)
 
 
-def _spectral_kernels(operators, with_dtypes=False):
-    """Every operator's current kernel in the conv layout and a core dtype (and,
-    with `with_dtypes`, the variables' own dtypes)."""
-    pairs = [core_tensor(op.variable) for op in operators]
+def _spectral_kernels(operators, values=None, with_dtypes=False):
+    """Every operator's kernel (its variable, or `values[i]`) in the conv layout
+    and a core dtype (and, with `with_dtypes`, the kernels' own dtypes)."""
+    values = [op.variable for op in operators] if values is None else values
+    pairs = [core_tensor(value) for value in values]
     kernels = [op.to_spectral(value) for op, (value, _) in zip(operators, pairs)]
     return (kernels, [dtype for _, dtype in pairs]) if with_dtypes else kernels
 
 
+def _over_kernels(operators, fn):
+    """`fn(values)` over the operators' current kernels as one compiled call
+    without arguments: under TensorFlow reading the variables inside the
+    `tf.function`, under JAX / PyTorch on NumPy copies (`_host_function`)."""
+    if _on_host():
+        return _host_function(operators, fn)
+    return tf.function(lambda: fn([op.variable for op in operators]), autograph=False,
+                       jit_compile=False)
+
+
 def make_spectra_fn(operators):
     """One compiled call returning the full spectrum of every operator (descending):
-    for zero-padded layers, the entrywise upper bound on the layer's spectrum."""
+    for zero-padded layers, the entrywise upper bound on the layer's spectrum.
+    Under JAX / PyTorch the kernels are copied to the host and TensorFlow
+    computes there."""
     operators = list(operators)
     geometries = [op.geometry for op in operators]
 
-    @tf.function(autograph=False, jit_compile=False)
-    def spectra():
-        return spectral.conv_singular_values_many(_spectral_kernels(operators), geometries)
+    def spectra(values):
+        return spectral.conv_singular_values_many(_spectral_kernels(operators, values),
+                                                  geometries)
 
-    return spectra
+    return _over_kernels(operators, spectra)
 
 
 def make_bounds_fn(operators, iterations=spectral.DEFAULT_POWER_ITERATIONS):
     """One compiled call returning `(lower, upper)`: float64 tensors of shape
     `(len(operators),)`, a certified interval for each layer's operator norm
-    (`tfconvnorm.conv_operator_norm_bounds_many`)."""
+    (`tfconvnorm.conv_operator_norm_bounds_many`); on the host under JAX /
+    PyTorch, as `make_spectra_fn`."""
     operators = list(operators)
     geometries = [op.geometry for op in operators]
 
-    @tf.function(autograph=False, jit_compile=False)
-    def bounds():
-        pairs = spectral.conv_operator_norm_bounds_many(_spectral_kernels(operators), geometries,
-                                                        iterations=iterations)
+    def bounds(values):
+        pairs = spectral.conv_operator_norm_bounds_many(_spectral_kernels(operators, values),
+                                                        geometries, iterations=iterations)
         return tf.stack([p.lower for p in pairs]), tf.stack([p.upper for p in pairs])
 
-    return bounds
+    return _over_kernels(operators, bounds)
 
 
 class SpectrumLogger(_OperatorCallback):

@@ -23,13 +23,13 @@ the model's `jit_compile` as it is.
 """
 
 import keras
+from keras import ops
 import tensorflow as tf
 
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm import spectral
 from tfconvnorm.spectral.arguments import check_method, check_positive, core_tensor
 from tfconvnorm.spectral import matmul as matmul_lib
-from tfconvnorm.spectral.operator import prepare_kernel
 
 #: Kernel layouts a constraint/regularizer accepts (see OperatorNormConstraint):
 #: the kinds whose variable layouts the others share (`geometry.KINDS[k].layout`).
@@ -148,15 +148,14 @@ def _operator_norm(geometry, w):
 
 def _norm_upper_bound(geometry, w):
     """(certified upper bound on the norm of the kernel `w` in its own layout, on
-    the matmul path (compiles under XLA); the conv-layout kernel; w's dtype)."""
-    kernel, dtype = core_tensor(w)
-    # The core's finiteness check: raises eagerly and in tf.functions; under
-    # XLA it compiles to nothing and a NaN kernel (already written by the
-    # optimizer) stays NaN.
-    kernel = prepare_kernel(kernel)
-    conv = geometry_lib.to_conv_layout(kernel, geometry.kind())
+    the matmul path (keras.ops: compiles under XLA and JAX's jit), in the
+    working dtype; w's dtype name)."""
+    # The finiteness check raises where the backend can (`backend_kernel`);
+    # under XLA / jit a NaN kernel (already written by the optimizer) stays NaN.
+    kernel, dtype = matmul_lib.backend_kernel(w)
+    conv = ops.reshape(kernel, geometry_lib.conv_layout_shape(kernel.shape, geometry.kind()))
     g = matmul_lib.geometry_of(conv.shape, **geometry.spectral_args(kernel.shape))
-    return matmul_lib.norm_upper_bound(conv, g), kernel, dtype
+    return matmul_lib.norm_upper_bound(conv, g), dtype
 
 
 @keras.saving.register_keras_serializable(package="tfconvnorm")
@@ -245,29 +244,32 @@ class OperatorNormConstraint(keras.constraints.Constraint):
     # its functions (a converted `geometry_of` called as `norm_upper_bound`).
     @tf.autograph.experimental.do_not_convert
     def __call__(self, w):
-        # The matmul path for every method: static shapes, compiles under XLA.
-        kernel, dtype = core_tensor(w)
-        # The core's finiteness check: raises eagerly and in tf.functions;
-        # under XLA it compiles to nothing and a NaN kernel (already written
-        # by the optimizer) stays NaN.
-        kernel = prepare_kernel(kernel)
+        # The matmul path for every method (keras.ops, static shapes): compiles
+        # under XLA and JAX's jit, runs on every Keras backend. The finiteness
+        # check raises where the backend can (`backend_kernel`); under XLA /
+        # jit a NaN kernel (already written by the optimizer) stays NaN.
+        kernel, dtype = matmul_lib.backend_kernel(w)
         kind = self._geometry.kind()
-        conv = geometry_lib.to_conv_layout(kernel, kind)
+        conv = ops.reshape(kernel, geometry_lib.conv_layout_shape(kernel.shape, kind))
         g = matmul_lib.geometry_of(conv.shape, **self._geometry.spectral_args(kernel.shape))
         projected = matmul_lib.project(conv, g, self.max_norm, self.method, self.iterations,
                                        out_dtype=dtype)
-        return geometry_lib.from_conv_layout(projected, kind, kernel.shape)
+        return ops.reshape(projected, kernel.shape)
 
     def operator_norm(self, w):
         """The norm this constraint bounds, for the kernel `w` (same layout)."""
         norm, dtype = _operator_norm(self._geometry, w)
-        return tf.cast(norm, dtype)
+        if keras.backend.backend() == "tensorflow":
+            return tf.cast(norm, dtype)
+        # Computed by the TensorFlow core on the host (the exact path is
+        # TensorFlow's), returned as a tensor of Keras' backend.
+        return ops.cast(ops.convert_to_tensor(norm.numpy()), dtype.name)
 
     def norm_upper_bound(self, w):
         """The certified upper bound on that norm that "rescale" divides by
         (`tfconvnorm.conv_operator_norm_upper_bound`), in w's dtype."""
-        bound, _, dtype = _norm_upper_bound(self._geometry, w)
-        return tf.cast(bound, dtype)
+        bound, dtype = _norm_upper_bound(self._geometry, w)
+        return ops.cast(bound, dtype)
 
     def get_config(self):
         config = dict(max_norm=self.max_norm, method=self.method, iterations=self.iterations)
@@ -316,10 +318,9 @@ class OperatorNormRegularizer(keras.regularizers.Regularizer):
 
     @tf.autograph.experimental.do_not_convert  # as OperatorNormConstraint.__call__
     def __call__(self, x):
-        norm, _, dtype = _norm_upper_bound(self._geometry, x)
-        penalty = self.weight * tf.nn.relu(
-            norm - tf.cast(tf.constant(self.threshold, tf.float64), norm.dtype))
-        return tf.cast(penalty, dtype)
+        norm, dtype = _norm_upper_bound(self._geometry, x)
+        penalty = self.weight * ops.relu(norm - ops.cast(self.threshold, norm.dtype))
+        return ops.cast(penalty, dtype)
 
     def get_config(self):
         config = dict(weight=self.weight, threshold=self.threshold)

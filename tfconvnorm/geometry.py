@@ -221,18 +221,26 @@ def spectra_title(geometries):
     return "upper bounds on each layer's singular values (circular embedding of its padding)"
 
 
-def to_conv_layout(kernel, kind):
-    """Reshapes a kernel from its variable layout to the convolution layout.
+def conv_layout_shape(shape, kind):
+    """The convolution-layout shape of a kernel of variable shape `shape`.
 
     Only depthwise kernels `(*k, c_in, m)` change: they become the grouped
     convolution kernel `(*k, 1, c_in * m)` with `groups = c_in`, whose output
     channel `c * m + j` is Keras' depthwise output channel order.
     """
+    shape = tuple(int(d) for d in shape)
+    if not KINDS[kind].depthwise:
+        return shape
+    return shape[:-2] + (1, shape[-2] * shape[-1])
+
+
+def to_conv_layout(kernel, kind):
+    """Reshapes a kernel (TensorFlow) from its variable layout to the
+    convolution layout (`conv_layout_shape`)."""
     if not KINDS[kind].depthwise:
         return kernel
     kernel = tf.convert_to_tensor(kernel)
-    shape = kernel.shape
-    return tf.reshape(kernel, tuple(shape[:-2]) + (1, shape[-2] * shape[-1]))
+    return tf.reshape(kernel, conv_layout_shape(kernel.shape, kind))
 
 
 def from_conv_layout(kernel, kind, variable_shape):

@@ -73,6 +73,11 @@ def core_tensor(value):
     computes in, and its own dtype (to cast results back to)."""
     if hasattr(value, "value") and not tf.is_tensor(value):
         value = value.value
+    if not tf.is_tensor(value) and not isinstance(value, np.ndarray) and hasattr(value, "shape"):
+        # A tensor of Keras' JAX or PyTorch backend: to the host first (a
+        # PyTorch tensor that requires grad has no __array__).
+        import keras  # pylint: disable=import-outside-toplevel
+        value = keras.ops.convert_to_numpy(value)
     tensor = tf.convert_to_tensor(value)
     dtype = tensor.dtype
     return (tensor if dtype in CORE_DTYPES else tf.cast(tensor, tf.float32)), dtype

@@ -66,6 +66,48 @@ def _gamma(n, u):
     return n * u / (1 - n * u)
 
 
+def backend_kernel(value, name="kernel"):
+    """`value` (a Keras variable, a tensor of Keras' backend, an array) as a
+    tensor of the backend in the working dtype, and its own dtype name (to
+    cast results back to).
+
+    Non-finite entries raise where the backend can tell before computing:
+    TensorFlow in eager mode and in graphs (`InvalidArgumentError`; under XLA
+    the check compiles to nothing), JAX outside `jit` and PyTorch
+    (`ValueError`). Inside a compiled JAX step a NaN kernel (already written
+    by the optimizer) stays NaN, as under XLA.
+    """
+    if isinstance(value, keras.Variable):
+        value = value.value
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        kernel = prepare_kernel(value, name)
+        return ops.cast(kernel, work_dtype(kernel.dtype)), kernel.dtype.name
+    kernel = ops.convert_to_tensor(value)
+    dtype = keras.backend.standardize_dtype(kernel.dtype)
+    if not (dtype.startswith("float") or dtype.startswith("bfloat")):
+        if not dtype.startswith(("int", "uint")):
+            raise TypeError(f"{name} must be real floating point, got dtype {dtype}")
+        dtype = "float32"
+    if _concrete(kernel) and not np.all(np.isfinite(ops.convert_to_numpy(
+            ops.cast(kernel, "float32" if dtype != "float64" else dtype)))):
+        raise ValueError(f"{name} has NaN or Inf entries; refusing to compute a spectrum "
+                         "of it")
+    return ops.cast(kernel, work_dtype(dtype)), dtype
+
+
+def _concrete(tensor):
+    """Whether `tensor` holds values now (not a tracer of a compiled function)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax  # pylint: disable=import-outside-toplevel
+        return not isinstance(tensor, jax.core.Tracer)
+    if backend == "torch":
+        import torch  # pylint: disable=import-outside-toplevel
+        return not torch.compiler.is_compiling()
+    return backend == "numpy"
+
+
 def work_dtype(dtype):
     """The dtype the bound computes in: float64 for float64, float32 otherwise."""
     return "float64" if str(dtype).endswith("float64") else "float32"
