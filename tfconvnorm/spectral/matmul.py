@@ -110,7 +110,7 @@ def _concrete(tensor):
 
 def work_dtype(dtype):
     """The dtype the bound computes in: float64 for float64, float32 otherwise."""
-    return "float64" if str(dtype).endswith("float64") else "float32"
+    return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
 
 
 def forward_parts(kernel, geometry):

@@ -3,7 +3,8 @@
 A run directory (`model_dir`) holds:
 
     config.json    the TrainConfig (dataset, depth, num_classes, input_shape, ...)
-    checkpoints/   per-epoch tf.train.Checkpoint(model=model) files (CheckpointManager)
+    checkpoints/   per-epoch tf.train.Checkpoint(model=model) files (CheckpointManager);
+                   under Keras' JAX / PyTorch backends ckpt-<epoch>.weights.h5 files
     backup/        keras.callbacks.BackupAndRestore state: a killed run resumes here
     logs/          TensorBoard: train/, validation/ (Keras), spectra/ (SpectrumLogger)
     model.keras    the final model
@@ -17,6 +18,7 @@ import json
 import math
 import os
 
+import keras
 import tensorflow as tf
 
 from tfconvnorm import files
@@ -185,6 +187,10 @@ def validate_config(config):
         bad("clip_boundary", f"one of {tfcn_geometry.BOUNDARIES}")
     if config.strategy not in STRATEGIES:
         bad("strategy", f"one of {STRATEGIES}")
+    backend = keras.backend.backend()
+    if config.strategy != "default" and backend != "tensorflow":
+        bad("strategy", f"'default' under Keras' {backend} backend (tf.distribute strategies "
+                        "need KERAS_BACKEND=tensorflow)")
     if config.progress not in PROGRESS:
         bad("progress", f"one of {tuple(PROGRESS)}")
     if not _is_int(config.num_classes) or config.num_classes < 1:

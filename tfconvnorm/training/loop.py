@@ -15,6 +15,7 @@ last completed epoch. The command line is `tfconvnorm.cli.train`.
 
 import math
 import os
+import re
 import tempfile
 import time
 
@@ -140,6 +141,41 @@ class _EpochCheckpoint(keras.callbacks.Callback):
         logging.info("Saved checkpoint %s", path)
 
 
+class _EpochWeights(keras.callbacks.Callback):
+    """Under Keras' JAX and PyTorch backends (whose variables tf.train.Checkpoint
+    cannot track): `model.save_weights` to `directory/ckpt-<epoch>.weights.h5`
+    after every epoch, the latest `keep` kept (0: all). Written to a temporary
+    name and renamed, so no half-written file carries a checkpoint's name."""
+
+    PATTERN = re.compile(r"^ckpt-(\d+)\.weights\.h5$")
+
+    def __init__(self, directory, keep):
+        super().__init__()
+        self.directory = directory
+        self.keep = keep
+        tf.io.gfile.makedirs(directory)
+
+    def _saved(self):
+        found = [(int(m.group(1)), name) for name in tf.io.gfile.listdir(self.directory)
+                 for m in [self.PATTERN.match(name)] if m]
+        return [os.path.join(self.directory, name) for _, name in sorted(found)]
+
+    @property
+    def latest_checkpoint(self):
+        saved = self._saved()
+        return saved[-1] if saved else None
+
+    def on_epoch_end(self, epoch, logs=None):
+        path = os.path.join(self.directory, f"ckpt-{epoch + 1}.weights.h5")
+        tmp = os.path.join(self.directory, f".tmp-{os.getpid()}.weights.h5")
+        self.model.save_weights(tmp)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+        logging.info("Saved checkpoint %s", path)
+        if self.keep:
+            for old in self._saved()[:-self.keep]:
+                tf.io.gfile.remove(old)
+
+
 class _SessionRecorder(keras.callbacks.Callback):
     """Remembers the first epoch run in this session and the last epoch's logs, and
     keeps `history.json`: every epoch's logs and training time, across resumptions.
@@ -189,7 +225,8 @@ def operator_norms(model):
     """{kernel path: (kind, lower, upper)}: a certified interval for the norm of
     every operator layer as the model computes it (its own zero padding)."""
     operators = tfcn_geometry.model_geometry(model)
-    kernels = [op.to_spectral(tf.convert_to_tensor(op.variable.value)) for op in operators]
+    kernels = [op.to_spectral(tf.convert_to_tensor(keras.ops.convert_to_numpy(op.variable.value)))
+               for op in operators]
     bounds = tfcn_spectral.conv_operator_norm_bounds_many(
         kernels, [op.geometry for op in operators])
     return {op.name: (op.geometry.kind, float(b.lower), float(b.upper))
@@ -318,10 +355,15 @@ def train_and_evaluate(config, model_dir):
         backup_dir = os.path.join(
             model_dir, BACKUP_DIR + (f"_{worker_suffix}" if worker_suffix else ""))
         callbacks.append(_compat.backup_and_restore(backup_dir))
-        manager = tf.train.CheckpointManager(
-            tf.train.Checkpoint(model=model), os.path.join(write_dir, CHECKPOINT_DIR),
-            max_to_keep=config.checkpoints_to_keep or None)
-        callbacks.append(_EpochCheckpoint(manager))
+        if keras.backend.backend() == "tensorflow":
+            manager = tf.train.CheckpointManager(
+                tf.train.Checkpoint(model=model), os.path.join(write_dir, CHECKPOINT_DIR),
+                max_to_keep=config.checkpoints_to_keep or None)
+            callbacks.append(_EpochCheckpoint(manager))
+        else:
+            manager = _EpochWeights(os.path.join(write_dir, CHECKPOINT_DIR),
+                                    config.checkpoints_to_keep)
+            callbacks.append(manager)
         if config.validation_bn_batches:
             # After the recorder, whose clock stops when validation begins.
             callbacks.append(PreciseBatchNorm(train_data, config.validation_bn_batches))
@@ -363,6 +405,7 @@ def train_and_evaluate(config, model_dir):
         "num_test_examples": num_test,
         "num_params": int(model.count_params()),
         "replicas": int(strategy.num_replicas_in_sync),
+        "backend": keras.backend.backend(),
         # The convs' compute dtype (float16 under --mixed_precision; logits stay float32).
         "compute_dtype": next(l.dtype_policy.compute_dtype for l in model.layers
                               if isinstance(l, keras.layers.Conv2D)),
