@@ -9,13 +9,17 @@ embedding size whose norm the library reports as the upper bound.
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from tfconvnorm import reference
 
 
+def _numpy(value):
+    """A variable or tensor of any Keras backend as a NumPy array."""
+    return keras.ops.convert_to_numpy(value)
+
+
 def _kernel(op, kernel=None):
-    value = op.variable.numpy() if kernel is None else np.asarray(kernel)
+    value = _numpy(op.variable) if kernel is None else np.asarray(kernel)
     return np.asarray(op.to_spectral(value.astype(np.float64)))
 
 
@@ -82,7 +86,8 @@ def _float64_twin(layer_class, config, input_shape, weights):
 
 
 def _matrix(layer, input_shape):
-    return reference.function_matrix(lambda x: layer(tf.constant(x)).numpy(), input_shape)
+    return reference.function_matrix(
+        lambda x: _numpy(layer(keras.ops.convert_to_tensor(x, "float64"))), input_shape)
 
 
 def keras_part_matrices(layer, input_shape):
@@ -96,17 +101,17 @@ def keras_part_matrices(layer, input_shape):
         depthwise_class = keras.layers.DepthwiseConv1D if rank == 1 else keras.layers.DepthwiseConv2D
         keys = ("kernel_size", "strides", "padding", "dilation_rate", "depth_multiplier")
         depthwise = _float64_twin(depthwise_class, {k: config[k] for k in keys}, input_shape,
-                                  [layer.depthwise_kernel.numpy()])
+                                  [_numpy(layer.depthwise_kernel)])
         mid = depthwise.compute_output_shape((None,) + tuple(input_shape))[1:]
         pointwise_class = keras.layers.Conv1D if rank == 1 else keras.layers.Conv2D
         pointwise = _float64_twin(pointwise_class, dict(filters=config["filters"],
                                                          kernel_size=1), mid,
-                                  [layer.pointwise_kernel.numpy()])
+                                  [_numpy(layer.pointwise_kernel)])
         c_in, m = layer.depthwise_kernel.shape[-2:]
         return {"depthwise_kernel": (_matrix(depthwise, input_shape), c_in * m, c_in, c_in),
                 "pointwise_kernel": (_matrix(pointwise, mid), config["filters"], c_in * m, 1)}
     # The kernel alone: the twin is bias-free (a bias is no part of the operator).
-    twin = _float64_twin(type(layer), config, input_shape, [layer.kernel.numpy()])
+    twin = _float64_twin(type(layer), config, input_shape, [_numpy(layer.kernel)])
     c_in = input_shape[-1]
     if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
         m = layer.kernel.shape[-1]
