@@ -12,10 +12,14 @@ OLDEST_PINS := tensorflow-cpu==2.16.2 keras==3.0.5
 
 .PHONY: demo test test-fast test-oldest bench clean venv
 
-$(VENV)/.installed: setup.py
+# Keras' JAX and PyTorch backends, for tests/test_backends.py: PyTorch pinned to
+# a CPU build (a bare `torch` pulls a multi-GB CUDA one).
+BACKEND_PINS := jax jaxlib torch==2.13.0
+
+$(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[cpu,test,demo]"
+	$(PY) -m pip install --quiet -e ".[cpu,test,demo]" $(BACKEND_PINS)
 	touch $@
 
 venv: $(VENV)/.installed

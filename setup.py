@@ -29,6 +29,12 @@ EXTRAS_REQUIRE = {
     "data": ["tensorflow-datasets>=4.9", "importlib_resources", "scikit-learn>=1.0"],
     "demo": ["matplotlib>=3.5", "scikit-learn>=1.0", "tensorflow-datasets>=4.9",
              "importlib_resources"],
+    # Keras' other backends (the constraint, regularizer and callbacks run on
+    # them; tested with jax 0.10.2 and torch 2.13.0, README "Backends"). A
+    # bare `torch` is PyPI's default build (CUDA on Linux); CPU-only machines
+    # pick a CPU wheel themselves, as the Makefile does.
+    "jax": ["jax", "jaxlib"],
+    "torch": ["torch"],
     "test": ["pytest>=7", "pytest-xdist>=3", "matplotlib>=3.5", "scikit-learn>=1.0",
              "tensorflow-datasets>=4.9", "importlib_resources", "h5py", "scipy>=1.8"],
 }
