@@ -5,7 +5,10 @@
 Both find the model's operator layers and their input sizes themselves
 (`tfconvnorm.model_geometry`) and do all layers in one compiled
 `tf.function` call, not one eager call per layer. The math is
-`tfconvnorm.spectral`'s.
+`tfconvnorm.spectral`'s (TensorFlow): under Keras' JAX and PyTorch backends
+the kernels are copied to NumPy, the same compiled call runs on the host, and
+the clipper assigns its results back (all after every kernel is computed).
+TensorBoard events are written with `tf.summary` on every backend.
 """
 
 import os

@@ -2,7 +2,10 @@
 
 The math lives in `tfconvnorm.spectral`; these classes only carry the layer
 geometry (which Keras does not pass to a constraint), reshape depthwise
-kernels, and handle dtypes. They need the TensorFlow backend.
+kernels, and handle dtypes. The constraint and the regularizer are `keras.ops`
+only and run on every Keras backend (TensorFlow, JAX, PyTorch), inside each
+backend's compiled train step; `operator_norm` (the exact norm) is the
+TensorFlow core's, on the host under the other backends.
 
 Which operator: `padding=` names the layer's own padding ('same', 'valid',
 'causal', explicit pads), and the norm is then that of the circular

@@ -167,7 +167,13 @@ def _frobenius(real, imag):
     return ops.sqrt(ops.sum(ops.square(real) + ops.square(imag), axis=(-2, -1)))
 
 
-def _rayleigh(real, imag, n, slack):
+def _slack(n, u):
+    """Relative allowance of the lower bounds below: the rounding of a
+    Frobenius norm, a normalisation and a Rayleigh quotient of n x n matrices."""
+    return 1e-3 + 4 * _gamma(n + 2, u)
+
+
+def _rayleigh(real, imag, n, u):
     """A lower bound on lambda_max of the PSD matrix real + i imag with
     Frobenius norm 1: the Rayleigh quotient at H^(1/2) e_k, ||H e_k||^2 / H_kk,
     at its best k, and never below 1 / sqrt(n) (sum of squared eigenvalues 1)."""
@@ -177,36 +183,54 @@ def _rayleigh(real, imag, n, slack):
     diagonal = ops.sum(real * ops.eye(real.shape[-1], dtype=real.dtype), axis=-2)
     quotient = ops.max(ops.where(diagonal > 0, columns / ops.maximum(diagonal, 1e-30), 0.0),
                        axis=-1)
-    return ops.minimum(ops.maximum(quotient, 1.0 / math.sqrt(n)) * (1 - slack), 1.0)
+    return ops.minimum(ops.maximum(quotient, 1.0 / math.sqrt(n)) * (1 - _slack(n, u)), 1.0)
 
 
 class _Powers:
     """Normalised Gram powers of a batch and the log of their certified bound.
 
     After j squarings, log_bound = sum_i log(c_i (1 + delta_i)) / 2^i, with
-    c_i the Frobenius norm of the i-th computed square (before normalising)
-    and delta_i its rounding allowance; lambda_max(H_0) <= exp(log_bound) *
-    (1 + n u)^(1/2^j) (see the module docstring)."""
+    c_i the Frobenius norm of the i-th computed square S_i (before
+    normalising, H_i = S_i / c_i) and delta_i its rounding allowance e_i
+    relative to a lower bound L_i on lambda_max(H_i); lambda_max(H_0) <=
+    exp(log_bound) * (1 + n u)^(1/2^j) (see the module docstring).
 
-    def __init__(self, real, imag, log_bound, steps, n, u):
+    L_i comes free from the next square: for Hermitian H with ||H||_F = 1,
+    ||H^2||_F^2 = sum lambda^4 <= lambda_max^2, so L_i = c_{i+1} - e_{i+1}
+    (less a slack for the normalisation's rounding), never below 1 / sqrt(n);
+    only the last square, which has no next one, takes a Rayleigh quotient
+    (`bound`). Until then its term waits in `pending` = (e_i / c_i, 1 / 2^i).
+    (One Rayleigh quotient per bound instead of one per squaring: eager
+    backends pay per op.)"""
+
+    def __init__(self, real, imag, log_bound, steps, n, u, pending=None):
         self.real, self.imag, self.log_bound, self.steps = real, imag, log_bound, steps
         self.n, self.u = n, u
+        zero = ops.zeros_like(log_bound)
+        self.pending = (zero, zero) if pending is None else pending
 
-    def _step(self, real, imag, log_bound, weight):
+    def _step(self, real, imag, log_bound, pending_ratio, pending_weight, weight):
         """One squaring; `weight` = 1 / 2^(steps after it)."""
         n, u = self.n, self.u
         real, imag = _hermitian_square(real, imag)
         c = ops.maximum(_frobenius(real, imag), 1e-30)
-        real, imag = real / c[:, None, None], imag / c[:, None, None]
-        rayleigh = _rayleigh(real, imag, n, 1e-3)
         error = 12 * _gamma(n + 2, u) + 2 * u * c
-        log_bound = log_bound + (ops.log(c) + ops.log1p(error / (c * rayleigh))) * weight
-        return real, imag, log_bound
+        # The previous square's term, now that its lower bound is known.
+        lower = ops.minimum(ops.maximum(c - error, 1.0 / math.sqrt(n)) * (1 - _slack(n, u)), 1.0)
+        log_bound = log_bound + ops.log1p(pending_ratio / lower) * pending_weight
+        real, imag = real / c[:, None, None], imag / c[:, None, None]
+        log_bound = log_bound + ops.log(c) * weight
+        return real, imag, log_bound, error / c, ops.zeros_like(c) + weight
+
+    def _state(self):
+        return (self.real, self.imag, self.log_bound) + tuple(self.pending)
+
+    def _from_state(self, state, steps):
+        return _Powers(*state[:3], steps, self.n, self.u, pending=tuple(state[3:]))
 
     def squared(self):
         steps = self.steps + 1
-        return _Powers(*self._step(self.real, self.imag, self.log_bound, 0.5 ** steps),
-                       steps, self.n, self.u)
+        return self._from_state(self._step(*self._state(), 0.5 ** steps), steps)
 
     def squared_times(self, count):
         """`count` squarings in one loop (a small graph, quick to compile)."""
@@ -216,17 +240,22 @@ class _Powers:
             weight = ops.power(ops.cast(0.5, dtype), ops.cast(i + self.steps + 1, dtype))
             return self._step(*state, weight)
 
-        state = ops.fori_loop(0, count, body, (self.real, self.imag, self.log_bound))
-        return _Powers(*state, self.steps + count, self.n, self.u)
+        state = ops.fori_loop(0, count, body, self._state())
+        return self._from_state(state, self.steps + count)
 
     def bound(self):
         """Upper bound on lambda_max(H_0), per matrix."""
-        return ops.exp(self.log_bound + math.log1p(2 * self.n * self.u) / 2 ** self.steps)
+        ratio, weight = self.pending
+        log_bound = self.log_bound
+        if self.steps:
+            rayleigh = _rayleigh(self.real, self.imag, self.n, self.u)
+            log_bound = log_bound + ops.log1p(ratio / rayleigh) * weight
+        return ops.exp(log_bound + math.log1p(2 * self.n * self.u) / 2 ** self.steps)
 
     def take(self, indices):
         pick = lambda x: ops.take(x, indices, axis=0)  # noqa: E731
         return _Powers(pick(self.real), pick(self.imag), pick(self.log_bound), self.steps,
-                       self.n, self.u)
+                       self.n, self.u, pending=tuple(pick(p) for p in self.pending))
 
 
 def norm_upper_bound(kernel, geometry, u=None, squarings=None):
