@@ -51,6 +51,7 @@ from tfconvnorm.constraints import OperatorNormConstraint, OperatorNormRegulariz
 from tfconvnorm.batch_norm import PreciseBatchNorm, recalibrate_batch_norm
 from tfconvnorm.callbacks import OperatorNormClipper, SpectrumLogger
 from tfconvnorm.lipschitz import LipschitzBound, empirical_lower_bound, lipschitz_bound
+from tfconvnorm.robustness import certified_accuracy, certified_radius
 from tfconvnorm import checkpoints
 from tfconvnorm import plotting
 from tfconvnorm.checkpoints import CheckpointError, LayerSpectrum, detect_format, layer_spectra
@@ -70,6 +71,7 @@ __all__ = [
     "ConvGeometry", "LayerOperator", "layer_geometry", "model_geometry",
     "OperatorNormConstraint", "OperatorNormRegularizer", "constrain",
     "OperatorNormClipper", "PreciseBatchNorm", "SpectrumLogger", "recalibrate_batch_norm",
-    "LipschitzBound", "empirical_lower_bound", "lipschitz_bound", "checkpoints",
+    "LipschitzBound", "empirical_lower_bound", "lipschitz_bound", "certified_radius",
+    "certified_accuracy", "checkpoints",
     "plotting", "CheckpointError", "LayerSpectrum", "detect_format", "layer_spectra",
 ]

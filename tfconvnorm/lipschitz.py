@@ -294,6 +294,9 @@ def _single_input_factor(layer, shape):
         return _global_average(layer, shape)
     if isinstance(layer, (L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D)):
         return 1.0, "global max: 1-Lipschitz per channel"
+    from tfconvnorm.models.lipschitz_nets import MaxMin  # pylint: disable=import-outside-toplevel
+    if isinstance(layer, MaxMin):
+        return 1.0, "MaxMin: sorts pairs of channels, a permutation per pair"
     return None
 
 
