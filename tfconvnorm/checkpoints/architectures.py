@@ -78,11 +78,21 @@ def build_cifar(depth, image_size, config, config_path):
     block_type = config_value(config, "block_type")
     if block_type:
         kwargs["block_type"] = block_type
+    source = f" ({config_path})" if config_path else ""
+    input_shape = tuple(int(d) for d in input_shape)
+    lipschitz = config_value(config, "lipschitz")
+    if lipschitz is not None:
+        # A run of train.py's Lipschitz mode: the network it built.
+        from tfconvnorm.models import lipschitz_nets  # pylint: disable=import-outside-toplevel
+        activation = config_value(config, "lipschitz_activation") or "maxmin"
+        model = lipschitz_nets.lipschitz_resnet(input_shape, int(num_classes), int(depth),
+                                                lipschitz=float(lipschitz), activation=activation)
+        return model, (f"lipschitz_resnet depth {depth} ({activation}, L = {lipschitz:g}), "
+                       f"input {input_shape}{source}")
     from tfconvnorm.models import resnet_v2  # pylint: disable=import-outside-toplevel
     model = resnet_v2.cifar_resnet_v2(int(depth), num_classes=int(num_classes),
-                                      input_shape=tuple(int(d) for d in input_shape), **kwargs)
-    source = f" ({config_path})" if config_path else ""
-    return model, f"{CIFAR_ARCHITECTURE} depth {depth}, input {tuple(input_shape)}{source}"
+                                      input_shape=input_shape, **kwargs)
+    return model, f"{CIFAR_ARCHITECTURE} depth {depth}, input {input_shape}{source}"
 
 
 def build_imagenet(depth, image_size, include_top=True):

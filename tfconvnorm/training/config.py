@@ -26,6 +26,7 @@ from tfconvnorm import geometry as tfcn_geometry
 from tfconvnorm import spectral as tfcn_spectral
 from tfconvnorm.callbacks import DEFAULT_CLIPPER_METHOD, DEFAULT_EVERY_N_STEPS
 from tfconvnorm.models import cifar_input
+from tfconvnorm.models.lipschitz_nets import ACTIVATIONS
 from tfconvnorm.models import resnet_v2
 
 STRATEGIES = ("default", "mirrored", "multi_worker_mirrored", "tpu")
@@ -36,6 +37,8 @@ BASE_LEARNING_RATE = 0.1
 BASE_BATCH_SIZE = 128
 RECIPE_EPOCHS = 182
 RECIPE_BOUNDARIES = (91, 136, 182)
+#: Radii of the certified accuracy in the Lipschitz mode (inputs in [0, 1]).
+DEFAULT_CERTIFIED_EPS = (0.1, 0.25, 0.5)
 CONFIG_FILE = files.RUN_CONFIG_FILE
 RESULTS_FILE = "results.json"
 HISTORY_FILE = "history.json"
@@ -108,6 +111,14 @@ class TrainConfig:
     # validation (0: Keras' running averages, which lag behind the weights).
     validation_bn_batches: int = 10
     progress: str = "bar"          # Keras progress output: bar, epoch (a line each), none
+    # The Lipschitz mode: a network with lipschitz_bound(model) <= lipschitz by
+    # construction (models.lipschitz_resnet of this depth) instead of the ResNet V2.
+    lipschitz: float = None
+    lipschitz_activation: str = "maxmin"
+    # l2 radii at which certified accuracy on the test split is logged every
+    # epoch (history.json, TensorBoard) and recorded in results.json. None:
+    # DEFAULT_CERTIFIED_EPS in the Lipschitz mode, none otherwise.
+    certified_eps: tuple = None
     num_classes: int = None
     input_shape: tuple = None
 
@@ -127,6 +138,10 @@ class TrainConfig:
                 self.input_shape = info.image_shape
         if isinstance(self.input_shape, list):
             self.input_shape = tuple(self.input_shape)
+        if self.certified_eps is None:
+            self.certified_eps = DEFAULT_CERTIFIED_EPS if self.lipschitz is not None else ()
+        elif isinstance(self.certified_eps, list):
+            self.certified_eps = tuple(self.certified_eps)
 
     def to_json_dict(self):
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -191,6 +206,19 @@ def validate_config(config):
     if config.strategy != "default" and backend != "tensorflow":
         bad("strategy", f"'default' under Keras' {backend} backend (tf.distribute strategies "
                         "need KERAS_BACKEND=tensorflow)")
+    if config.lipschitz is not None:
+        if not _is_number(config.lipschitz) or not 0 < config.lipschitz < math.inf:
+            bad("lipschitz", "a finite number > 0 (or unset)")
+        if config.clip_to is not None:
+            bad("lipschitz", "unset with --clip_to (the Lipschitz mode constrains every layer "
+                             "itself)")
+        if (config.depth - 2) % 6:
+            bad("depth", "6n + 2 in the Lipschitz mode (basic blocks)")
+    if config.lipschitz_activation not in ACTIVATIONS:
+        bad("lipschitz_activation", f"one of {ACTIVATIONS}")
+    if (not isinstance(config.certified_eps, tuple)
+            or not all(_is_number(e) and 0 <= e < math.inf for e in config.certified_eps)):
+        bad("certified_eps", "l2 radii >= 0")
     if config.progress not in PROGRESS:
         bad("progress", f"one of {tuple(PROGRESS)}")
     if not _is_int(config.num_classes) or config.num_classes < 1:

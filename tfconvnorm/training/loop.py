@@ -32,7 +32,9 @@ from tfconvnorm import spectral as tfcn_spectral
 from tfconvnorm.batch_norm import PreciseBatchNorm, recalibrate_batch_norm
 from tfconvnorm.callbacks import optimizer_step
 from tfconvnorm.models import cifar_input
+from tfconvnorm.models import lipschitz_nets
 from tfconvnorm.models import resnet_v2
+from tfconvnorm import robustness
 from tfconvnorm.training.config import (BACKUP_DIR, CHECKPOINT_DIR, CONFIG_FILE, HISTORY_FILE,
                                         LOG_DIR, MODEL_FILE, PROGRESS, RESULTS_FILE, STRATEGIES,
                                         check_model_dir, validate_config)
@@ -176,6 +178,33 @@ class _EpochWeights(keras.callbacks.Callback):
                 tf.io.gfile.remove(old)
 
 
+class _CertifiedAccuracy(keras.callbacks.Callback):
+    """Adds the certified Lipschitz bound and the certified accuracy on `data` at
+    each radius to every epoch's logs (so history.json and TensorBoard get
+    them): `lipschitz_upper_bound`, `certified_accuracy_<eps>`."""
+
+    def __init__(self, data, eps):
+        super().__init__()
+        self.data = data
+        self.eps = tuple(eps)
+        self.last = None
+
+    def measure(self):
+        bound = float(tfcn_lipschitz.lipschitz_bound(self.model))
+        accuracy = robustness.certified_accuracy(self.model, self.data, list(self.eps),
+                                                 lipschitz=bound)
+        self.last = bound, accuracy
+        return self.last
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        bound, accuracy = self.measure()
+        logs["lipschitz_upper_bound"] = bound
+        for eps, value in accuracy.items():
+            logs[f"certified_accuracy_{eps:g}"] = value
+
+
 class _SessionRecorder(keras.callbacks.Callback):
     """Remembers the first epoch run in this session and the last epoch's logs, and
     keeps `history.json`: every epoch's logs and training time, across resumptions.
@@ -257,6 +286,10 @@ def _build_before_fit(model, dataset):
 
 def build_model(config):
     """The compiled-ready (uncompiled) model a config describes; analysis rebuilds it so."""
+    if config.lipschitz is not None:
+        return lipschitz_nets.lipschitz_resnet(
+            config.input_shape, config.num_classes, config.depth, lipschitz=config.lipschitz,
+            activation=config.lipschitz_activation)
     return resnet_v2.cifar_resnet_v2(
         config.depth, num_classes=config.num_classes, input_shape=config.input_shape,
         weight_decay=config.weight_decay)
@@ -347,6 +380,11 @@ def train_and_evaluate(config, model_dir):
         if config.spectra_every_n_epochs:
             callbacks.append(tfcn_callbacks.SpectrumLogger(
                 log_dir, every_n_epochs=config.spectra_every_n_epochs))
+        certified = None
+        if config.certified_eps:
+            # Before the recorder and TensorBoard, which read the logs it adds.
+            certified = _CertifiedAccuracy(test_data, config.certified_eps)
+            callbacks.append(certified)
         # Before BackupAndRestore: an epoch is in history.json before the backup
         # counts it as done, so a run killed between the two redoes the epoch
         # (its entry is replaced) instead of resuming past it with no entry.
@@ -376,6 +414,9 @@ def train_and_evaluate(config, model_dir):
         test_metrics = model.evaluate(test_data, return_dict=True, verbose=0)
         norms = operator_norms(model)
         certificate = tfcn_lipschitz.lipschitz_bound(model)
+        certified_accuracy = (robustness.certified_accuracy(
+            model, test_data, list(config.certified_eps), lipschitz=float(certificate))
+            if config.certified_eps else {})
 
         model_path = os.path.join(write_dir, MODEL_FILE)
         tmp_model_path = os.path.join(write_dir, f".tmp-{os.getpid()}-{MODEL_FILE}")
@@ -422,6 +463,12 @@ def train_and_evaluate(config, model_dir):
         "final_projection": final_projection,
         # Certified: the trained model (inference mode) is this Lipschitz in l2.
         "lipschitz_upper_bound": float(certificate),
+        # The Lipschitz mode's promise (None outside it): checked, not assumed.
+        "lipschitz": config.lipschitz,
+        "lipschitz_within_bound": (float(certificate) <= config.lipschitz
+                                   if config.lipschitz is not None else None),
+        # Test examples classified correctly with certified l2 radius >= eps.
+        "certified_accuracy": {f"{eps:g}": value for eps, value in certified_accuracy.items()},
         "lipschitz_top_contributors": {f.name: f.factor
                                        for f in certificate.top_contributors(5)},
         "wall_time_s": time.time() - start,
