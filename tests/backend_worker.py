@@ -69,7 +69,8 @@ def check_constraint(out_dir):
     """constrain(model, 0.5) with every method, a few compiled fit steps at a
     learning rate that pushes the kernels out: every layer's norm within."""
     x, y = data()
-    for method in ("paper", "alternating", "exact", "rescale"):  # the default last: saved
+    # "paper" is "alternating"'s clip run once: the same keras.ops code.
+    for method in ("alternating", "exact", "rescale"):  # the default last: saved
         model = every_kind_model()
         model.compile(keras.optimizers.SGD(0.5), "mse")
         tfconvnorm.constrain(model, BOUND, method=method)
@@ -77,12 +78,9 @@ def check_constraint(out_dir):
         # is one more compilation, and under PyTorch eager Newton-Schulz loops).
         model.fit(x, y, batch_size=8 if method == "rescale" else 16, epochs=1, verbose=0)
         norms = true_norms(model)
-        if method != "paper":  # the published clip promises nothing
-            worst = max(norms.values())
-            assert worst <= BOUND * SLACK, (method, norms)
-            assert worst >= 0.9 * BOUND, (method, norms)  # the constraint acted
-        else:
-            assert max(norms.values()) < 2 * BOUND, norms
+        worst = max(norms.values())
+        assert worst <= BOUND * SLACK, (method, norms)
+        assert worst >= 0.9 * BOUND, (method, norms)  # the constraint acted
     # Constraints are saved with the model and come back under this backend.
     model.save(os.path.join(out_dir, "constrained.keras"))
 
@@ -115,7 +113,9 @@ def check_clipper_logger_bn(out_dir):
     from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
     x, y = data()
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
-    for method in ("paper", "alternating", "exact", "rescale"):
+    # The methods differ only inside the TensorFlow core (tested there); here the
+    # host round trip: "paper" (checked against the eigh path) and a certified one.
+    for method in ("paper", "alternating"):
         model = every_kind_model()
         model.compile(keras.optimizers.SGD(0.5), "mse")
         clipper = tfconvnorm.OperatorNormClipper(BOUND, every_n_steps=1, method=method)

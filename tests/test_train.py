@@ -438,7 +438,10 @@ def test_lipschitz_mode_certifies_and_logs_certified_accuracy(tmp_path):
     assert float(tfconvnorm.lipschitz_bound(model)) == pytest.approx(
         results["lipschitz_upper_bound"])
     # Certified accuracy: recorded, consistent with the library function.
-    data, _ = tfconvnorm.models.build_dataset("digits", "test", 32)
+    assert results["input_normalization"] == "unit"  # radii in pixel space, pixels in [0, 1]
+    data, _ = tfconvnorm.models.build_dataset("digits", "test", 32, normalize="unit")
+    images = np.concatenate([x.numpy() for x, _ in data])
+    assert images.min() >= 0 and images.max() <= 1 and images.max() > 0.9
     expected = tfconvnorm.certified_accuracy(model, data, [0.1, 0.5])
     assert results["certified_accuracy"] == {"0.1": pytest.approx(expected[0.1]),
                                              "0.5": pytest.approx(expected[0.5])}

@@ -219,18 +219,30 @@ def load_split(name, split, data_dir=None, manual_dir=None, download=True, num_e
     return reduced(dataset, available)
 
 
-def preprocess_image(image, is_training, image_shape, flip):
-    """Model Garden CIFAR preprocessing: (pad-4, random crop, flip) then standardize.
+#: How pixels are scaled: "standardize" (the Model Garden's per-image zero mean,
+#: unit variance) or "unit" (x / 255, in [0, 1]: a fixed linear map, so an l2
+#: radius means the same for every image, as certified robustness needs).
+NORMALIZATIONS = ("standardize", "unit")
+
+
+def preprocess_image(image, is_training, image_shape, flip, normalize="standardize"):
+    """Model Garden CIFAR preprocessing: (pad-4, random crop, flip) then standardize
+    (or, with normalize="unit", scale to [0, 1]).
 
     Args:
       image: uint8 (or float) image of `image_shape`.
       is_training: whether to augment.
       image_shape: (height, width, channels) of the output.
       flip: whether to flip horizontally at random (training only).
+      normalize: one of `NORMALIZATIONS`.
 
     Returns:
-      float32 image of `image_shape`, zero mean and unit variance per image.
+      float32 image of `image_shape`, zero mean and unit variance per image
+      (or in [0, 1]).
     """
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"`normalize` must be one of {NORMALIZATIONS}; received "
+                         f"normalize={normalize!r}.")
     height, width, channels = image_shape
     image = tf.cast(image, tf.float32)
     if is_training:
@@ -239,19 +251,22 @@ def preprocess_image(image, is_training, image_shape, flip):
         image = tf.image.random_crop(image, [height, width, channels])
         if flip:
             image = tf.image.random_flip_left_right(image)
+    if normalize == "unit":
+        return image / 255.0
     return tf.image.per_image_standardization(image)
 
 
 def build_dataset(name, split, batch_size, is_training=None, data_dir=None, manual_dir=None,
                   download=True, shuffle_buffer=DEFAULT_SHUFFLE_BUFFER, seed=None,
-                  cache=True, num_examples=None):
+                  cache=True, num_examples=None, normalize="standardize"):
     """Batched, preprocessed, prefetched pipeline for one split.
 
     Training (`is_training`, default: split == "train") shuffles every epoch,
     augments and drops the last partial batch (every step sees a full batch,
     as the learning-rate schedule assumes); evaluation keeps every example.
     The dataset is finite (one epoch); Keras iterates it once per epoch.
-    `num_examples` reduces the split as in `load_split`.
+    `num_examples` reduces the split as in `load_split`; `normalize` is
+    `preprocess_image`'s.
 
     Returns:
       (dataset of (float32 images (B, H, W, C), int32 labels (B,)), number of examples).
@@ -263,6 +278,9 @@ def build_dataset(name, split, batch_size, is_training=None, data_dir=None, manu
     info = dataset_info(name)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"`normalize` must be one of {NORMALIZATIONS}; received "
+                         f"normalize={normalize!r}.")
     if is_training is None:
         is_training = split == "train"
     dataset, num_examples = load_split(name, split, data_dir, manual_dir, download,
@@ -277,7 +295,8 @@ def build_dataset(name, split, batch_size, is_training=None, data_dir=None, manu
                                   reshuffle_each_iteration=True)
 
     def preprocess(image, label):
-        return preprocess_image(image, is_training, info.image_shape, info.flip), label
+        return preprocess_image(image, is_training, info.image_shape, info.flip,
+                                normalize), label
 
     dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=is_training)

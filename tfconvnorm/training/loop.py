@@ -327,14 +327,17 @@ def train_and_evaluate(config, model_dir):
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
 
+    # The Lipschitz mode certifies radii in pixel space: pixels in [0, 1], not
+    # per-image standardisation (data-dependent, and no fixed Lipschitz map).
+    normalize = "unit" if config.lipschitz is not None else "standardize"
     train_data, num_train = cifar_input.build_dataset(
         config.dataset, "train", config.batch_size, data_dir=config.data_dir,
         manual_dir=config.manual_dir, download=config.download,
         shuffle_buffer=config.shuffle_buffer, seed=config.seed,
-        num_examples=config.train_examples)
+        num_examples=config.train_examples, normalize=normalize)
     test_data, num_test = cifar_input.build_dataset(
         config.dataset, "test", config.batch_size, data_dir=config.data_dir,
-        manual_dir=config.manual_dir, download=config.download)
+        manual_dir=config.manual_dir, download=config.download, normalize=normalize)
     steps_per_epoch = num_train // config.batch_size
     epochs = config.epochs
     if config.max_steps is not None:
@@ -465,6 +468,8 @@ def train_and_evaluate(config, model_dir):
         "lipschitz_upper_bound": float(certificate),
         # The Lipschitz mode's promise (None outside it): checked, not assumed.
         "lipschitz": config.lipschitz,
+        # How inputs were scaled: the radii below are l2 distances in that space.
+        "input_normalization": normalize,
         "lipschitz_within_bound": (float(certificate) <= config.lipschitz
                                    if config.lipschitz is not None else None),
         # Test examples classified correctly with certified l2 radius >= eps.
