@@ -142,6 +142,8 @@ def main():
     parser.add_argument("--scale", type=float, default=10.0,
                         help="logit scale of every arm (its certificate's factor)")
     parser.add_argument("--activation", default="maxmin")
+    parser.add_argument("--arms", default="lipschitz_convnet,lipschitz_resnet8,"
+                        "spectral_norm_convnet,paper_protocol_convnet")
     parser.add_argument("--save_data", default=None,
                         help="also write the split to this .npz (for benchmarks.deel_lip_arm)")
     args = parser.parse_args()
@@ -160,31 +162,21 @@ def main():
         results["arms"][name] = row
         print(name, json.dumps(row), flush=True)
 
-    model = models.lipschitz_convnet((32, 32, 1), 10, lipschitz=args.scale, widths=(16, 32),
-                                     activation=args.activation)
-    seconds = train(model, x_train, y_train, args.epochs)
-    record("lipschitz_convnet", model, seconds, float(tfconvnorm.lipschitz_bound(model)))
-
-    model = models.lipschitz_resnet((32, 32, 1), 10, 8, lipschitz=args.scale, width=16,
-                                    activation=args.activation)
-    seconds = train(model, x_train, y_train, args.epochs)
-    record("lipschitz_resnet8", model, seconds, float(tfconvnorm.lipschitz_bound(model)))
-
-    model = convnet("spectral_norm", args.scale)
-    seconds = train(model, x_train, y_train, args.epochs)
-    plain = unwrapped(model, args.scale)
-    np.testing.assert_allclose(plain(x_test[:8]).numpy(), model(x_test[:8]).numpy(), rtol=1e-4,
-                               atol=1e-4)
-    record("spectral_norm_convnet", model, seconds, spectral_norm_certificate(model, args.scale),
-           exact_lipschitz_bound=float(tfconvnorm.lipschitz_bound(plain)))
-
-    model = convnet("paper", 1.0)
-    clipper = tfconvnorm.OperatorNormClipper(1.0, every_n_steps=100, method="paper",
-                                             kinds=tfconvnorm.CONV_KINDS)
-    seconds = train(model, x_train, y_train, args.epochs, callbacks=[clipper], lr=1e-2)
-    tfconvnorm.recalibrate_batch_norm(
-        model, tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(128), 12)
-    record("paper_protocol_convnet", model, seconds, float(tfconvnorm.lipschitz_bound(model)))
+    arms = args.arms.split(",")
+    if "lipschitz_convnet" in arms:
+        model = models.lipschitz_convnet((32, 32, 1), 10, lipschitz=args.scale,
+                                         widths=(16, 32), activation=args.activation)
+        seconds = train(model, x_train, y_train, args.epochs)
+        record("lipschitz_convnet", model, seconds, float(tfconvnorm.lipschitz_bound(model)))
+    if "lipschitz_resnet8" in arms:
+        model = models.lipschitz_resnet((32, 32, 1), 10, 8, lipschitz=args.scale, width=16,
+                                        activation=args.activation)
+        seconds = train(model, x_train, y_train, args.epochs)
+        record("lipschitz_resnet8", model, seconds, float(tfconvnorm.lipschitz_bound(model)))
+    if "spectral_norm_convnet" in arms:
+        spectral_norm_arm(args, x_train, y_train, x_test, record)
+    if "paper_protocol_convnet" in arms:
+        paper_arm(x_train, y_train, args.epochs, record)
 
     results.update(tensorflow=tf.__version__, keras=keras.__version__,
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
@@ -193,6 +185,26 @@ def main():
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(text)
     print(text)
+
+
+def spectral_norm_arm(args, x_train, y_train, x_test, record):
+    model = convnet("spectral_norm", args.scale)
+    seconds = train(model, x_train, y_train, args.epochs)
+    plain = unwrapped(model, args.scale)
+    np.testing.assert_allclose(plain(x_test[:8]).numpy(), model(x_test[:8]).numpy(), rtol=1e-4,
+                               atol=1e-4)
+    record("spectral_norm_convnet", model, seconds, spectral_norm_certificate(model, args.scale),
+           exact_lipschitz_bound=float(tfconvnorm.lipschitz_bound(plain)))
+
+
+def paper_arm(x_train, y_train, epochs, record):
+    model = convnet("paper", 1.0)
+    clipper = tfconvnorm.OperatorNormClipper(1.0, every_n_steps=100, method="paper",
+                                             kinds=tfconvnorm.CONV_KINDS)
+    seconds = train(model, x_train, y_train, epochs, callbacks=[clipper], lr=1e-2)
+    tfconvnorm.recalibrate_batch_norm(
+        model, tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(128), 12)
+    record("paper_protocol_convnet", model, seconds, float(tfconvnorm.lipschitz_bound(model)))
 
 
 if __name__ == "__main__":
