@@ -58,7 +58,8 @@ def make_projection_fn(operators, max_norm, method=DEFAULT_CLIPPER_METHOD, itera
       A callable taking no arguments and returning `(before, after)`: float32
       tensors of shape `(len(operators),)` (empty when `compute_norms` is
       False), a `tf.function` that traces once (on its first call, or on
-      `get_concrete_function()`).
+      `get_concrete_function()`); under JAX / PyTorch a function around one
+      (kernels copied to NumPy, results assigned after all are computed).
     """
     check_positive(max_norm, "max_norm")
     check_method(method)
