@@ -149,15 +149,22 @@ def _operator_norm(geometry, w):
     return spectral.conv_operator_norm(conv, **geometry.spectral_args(kernel.shape)), dtype
 
 
+def _matmul_kernel(geometry, w):
+    """(the kernel `w` in the conv layout and the working dtype, as a tensor of
+    Keras' backend; its `matmul` geometry; w's shape; w's dtype name). The finiteness
+    check raises where the backend can (`backend_kernel`); under XLA / jit a
+    NaN kernel (already written by the optimizer) stays NaN."""
+    kernel, dtype = matmul_lib.backend_kernel(w)
+    conv = ops.reshape(kernel, geometry_lib.conv_layout_shape(kernel.shape, geometry.kind()))
+    g = matmul_lib.geometry_of(conv.shape, **geometry.spectral_args(kernel.shape))
+    return conv, g, kernel.shape, dtype
+
+
 def _norm_upper_bound(geometry, w):
     """(certified upper bound on the norm of the kernel `w` in its own layout, on
     the matmul path (keras.ops: compiles under XLA and JAX's jit), in the
     working dtype; w's dtype name)."""
-    # The finiteness check raises where the backend can (`backend_kernel`);
-    # under XLA / jit a NaN kernel (already written by the optimizer) stays NaN.
-    kernel, dtype = matmul_lib.backend_kernel(w)
-    conv = ops.reshape(kernel, geometry_lib.conv_layout_shape(kernel.shape, geometry.kind()))
-    g = matmul_lib.geometry_of(conv.shape, **geometry.spectral_args(kernel.shape))
+    conv, g, _, dtype = _matmul_kernel(geometry, w)
     return matmul_lib.norm_upper_bound(conv, g), dtype
 
 
@@ -248,16 +255,11 @@ class OperatorNormConstraint(keras.constraints.Constraint):
     @tf.autograph.experimental.do_not_convert
     def __call__(self, w):
         # The matmul path for every method (keras.ops, static shapes): compiles
-        # under XLA and JAX's jit, runs on every Keras backend. The finiteness
-        # check raises where the backend can (`backend_kernel`); under XLA /
-        # jit a NaN kernel (already written by the optimizer) stays NaN.
-        kernel, dtype = matmul_lib.backend_kernel(w)
-        kind = self._geometry.kind()
-        conv = ops.reshape(kernel, geometry_lib.conv_layout_shape(kernel.shape, kind))
-        g = matmul_lib.geometry_of(conv.shape, **self._geometry.spectral_args(kernel.shape))
+        # under XLA and JAX's jit, runs on every Keras backend.
+        conv, g, shape, dtype = _matmul_kernel(self._geometry, w)
         projected = matmul_lib.project(conv, g, self.max_norm, self.method, self.iterations,
                                        out_dtype=dtype)
-        return ops.reshape(projected, kernel.shape)
+        return ops.reshape(projected, shape)
 
     def operator_norm(self, w):
         """The norm this constraint bounds, for the kernel `w` (same layout)."""

@@ -115,26 +115,26 @@ def define_flags(flag_values=flags.FLAGS):
                       "with --lipschitz, none otherwise).", flag_values=fv)
 
 
+def _floats(flag_values, name, what):
+    """A list flag's values as a tuple of floats (None when unset)."""
+    values = flag_values[name].value
+    if values is None:
+        return None
+    try:
+        return tuple(float(v) for v in values)
+    except ValueError:
+        raise ValueError(f"--{name} must be comma-separated {what}, got "
+                         f"{','.join(values)!r}") from None
+
+
 def config_from_flags(flag_values=flags.FLAGS):
     """(TrainConfig, model_dir) from parsed flags, checked: app.UsageError when bad."""
     try:
         model_dir = flag_values.model_dir
         if not model_dir:
             raise ValueError("--model_dir is required")
-        boundaries = flag_values.lr_boundaries
-        if boundaries is not None:
-            try:
-                boundaries = tuple(float(b) for b in boundaries)
-            except ValueError:
-                raise ValueError(f"--lr_boundaries must be comma-separated epochs, got "
-                                 f"{','.join(boundaries)!r}") from None
-        eps = flag_values.certified_eps
-        if eps is not None:
-            try:
-                eps = tuple(float(e) for e in eps)
-            except ValueError:
-                raise ValueError(f"--certified_eps must be comma-separated radii, got "
-                                 f"{','.join(eps)!r}") from None
+        boundaries = _floats(flag_values, "lr_boundaries", "epochs")
+        eps = _floats(flag_values, "certified_eps", "radii")
         names = {f.name for f in dataclasses.fields(TrainConfig)} - {
             "lr_boundaries", "num_classes", "input_shape", "shuffle_buffer", "certified_eps"}
         config = TrainConfig(lr_boundaries=boundaries, certified_eps=eps,

@@ -173,6 +173,13 @@ def _slack(n, u):
     return 1e-3 + 4 * _gamma(n + 2, u)
 
 
+def _lower_bound(estimate, n, u):
+    """A lower bound on lambda_max of a PSD n x n matrix with Frobenius norm 1
+    from an estimate of it (rounding slack off): never below 1 / sqrt(n) (sum
+    of squared eigenvalues 1), never above 1."""
+    return ops.minimum(ops.maximum(estimate, 1.0 / math.sqrt(n)) * (1 - _slack(n, u)), 1.0)
+
+
 def _rayleigh(real, imag, n, u):
     """A lower bound on lambda_max of the PSD matrix real + i imag with
     Frobenius norm 1: the Rayleigh quotient at H^(1/2) e_k, ||H e_k||^2 / H_kk,
@@ -183,7 +190,7 @@ def _rayleigh(real, imag, n, u):
     diagonal = ops.sum(real * ops.eye(real.shape[-1], dtype=real.dtype), axis=-2)
     quotient = ops.max(ops.where(diagonal > 0, columns / ops.maximum(diagonal, 1e-30), 0.0),
                        axis=-1)
-    return ops.minimum(ops.maximum(quotient, 1.0 / math.sqrt(n)) * (1 - _slack(n, u)), 1.0)
+    return _lower_bound(quotient, n, u)
 
 
 class _Powers:
@@ -216,7 +223,7 @@ class _Powers:
         c = ops.maximum(_frobenius(real, imag), 1e-30)
         error = 12 * _gamma(n + 2, u) + 2 * u * c
         # The previous square's term, now that its lower bound is known.
-        lower = ops.minimum(ops.maximum(c - error, 1.0 / math.sqrt(n)) * (1 - _slack(n, u)), 1.0)
+        lower = _lower_bound(c - error, n, u)
         log_bound = log_bound + ops.log1p(pending_ratio / lower) * pending_weight
         real, imag = real / c[:, None, None], imag / c[:, None, None]
         log_bound = log_bound + ops.log(c) * weight

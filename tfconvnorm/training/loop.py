@@ -186,20 +186,14 @@ class _CertifiedAccuracy(keras.callbacks.Callback):
     def __init__(self, data, eps):
         super().__init__()
         self.data = data
-        self.eps = tuple(eps)
-        self.last = None
-
-    def measure(self):
-        bound = float(tfcn_lipschitz.lipschitz_bound(self.model))
-        accuracy = robustness.certified_accuracy(self.model, self.data, list(self.eps),
-                                                 lipschitz=bound)
-        self.last = bound, accuracy
-        return self.last
+        self.eps = list(eps)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        bound, accuracy = self.measure()
+        bound = float(tfcn_lipschitz.lipschitz_bound(self.model))
+        accuracy = robustness.certified_accuracy(self.model, self.data, self.eps,
+                                                 lipschitz=bound)
         logs["lipschitz_upper_bound"] = bound
         for eps, value in accuracy.items():
             logs[f"certified_accuracy_{eps:g}"] = value
@@ -383,11 +377,9 @@ def train_and_evaluate(config, model_dir):
         if config.spectra_every_n_epochs:
             callbacks.append(tfcn_callbacks.SpectrumLogger(
                 log_dir, every_n_epochs=config.spectra_every_n_epochs))
-        certified = None
         if config.certified_eps:
             # Before the recorder and TensorBoard, which read the logs it adds.
-            certified = _CertifiedAccuracy(test_data, config.certified_eps)
-            callbacks.append(certified)
+            callbacks.append(_CertifiedAccuracy(test_data, config.certified_eps))
         # Before BackupAndRestore: an epoch is in history.json before the backup
         # counts it as done, so a run killed between the two redoes the epoch
         # (its entry is replaced) instead of resuming past it with no entry.
