@@ -33,9 +33,16 @@ GRID = [
     ((7, 5), (), 1, 1, 1, "circular"),       # Dense
     ((3, 3, 1, 8), 9, 2, 1, 1, "same"),      # one input channel: rows or columns
 ]
+# Wide layers (MobileNetV2's 1x1 320 -> 1280, a 160-channel 3x3): their float32
+# rounding allowances are the large ones (chunked Gram sums, row-sum squaring
+# errors), so they are checked for soundness and tightness too.
+WIDE = [
+    ((1, 1, 320, 1280), 3, 1, 1, 1, "same"),
+    ((3, 3, 160, 160), 4, 1, 1, 1, "same"),
+]
 
 
-@pytest.mark.parametrize("shape,size,strides,dilation,groups,padding", GRID)
+@pytest.mark.parametrize("shape,size,strides,dilation,groups,padding", GRID + WIDE)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_bound_is_never_below_the_exact_norm_and_is_tight(shape, size, strides, dilation,
                                                           groups, padding, dtype, rng):

@@ -12,7 +12,7 @@ the clipper, and is its reference in the tests.
 The bound (Delattre et al. 2023, Gram iteration): for the Gram matrix G of a
 per-frequency matrix P, lambda_max(G) <= ||G^(2^t)||_F^(1/2^t), within a
 factor rank^(1/2^(t+1)) of it. Every frequency gets `_SCREEN_SQUARINGS`
-squarings; the `_REFINED` matrices of the operator with the largest bounds
+squarings (one more for matrices wider than `_SCREEN_EXTRA_ABOVE`); the `_REFINED` matrices of the operator with the largest bounds
 (`top_k`: a static shape) get `_REFINE_SQUARINGS` more. The result is the
 largest of the refined bounds and of the coarse bounds of the rest, so it
 holds whichever frequencies were picked. Hermitian squarings take two real
@@ -21,8 +21,11 @@ matmuls (R I and (R + I)(R - I), with R symmetric and I antisymmetric).
 Rounding: the bound holds as computed. Each step's rounding error is bounded
 in the standard model (|fl(a b) - a b| <= gamma_n |a| |b|, gamma_n = n u /
 (1 - n u)) and added outward: the transform's error (absolute, from ||k||_F),
-the Gram matrix's (absolute, from its trace), and each squaring's (relative
-to the computed Rayleigh lower bound of that power). `u` is the unit
+the Gram matrix's (absolute, from its trace; long inner products summed in
+chunks, `_inner_chunks`, so that gamma counts about 2 sqrt(L) terms, not L),
+and each squaring's (relative to the computed lower bound of that power; the
+first squarings of wide matrices bound |R| + |I| by its row sums, far below
+its Frobenius norm for flat spectra). `u` is the unit
 roundoff of the working dtype (float32 for float32 and narrower kernels,
 float64 for float64); where TensorFlow may run float32 matmuls in TF32 (a
 visible GPU with TF32 enabled), `u` is TF32's, which keeps the bound certified
@@ -38,11 +41,19 @@ import numpy as np
 
 from tfconvnorm.spectral.operator import Geometry, prepare_kernel
 
-#: Squarings of every frequency's Gram matrix (the coarse bounds).
+#: Squarings of every frequency's Gram matrix (the coarse bounds), and one
+#: more above this matrix size: the tops of many wide random matrices crowd
+#: (3 squarings left 1.03x on 256-channel 3x3 convs at 7x7, 4 leave 1.006x).
 _SCREEN_SQUARINGS = 3
+_SCREEN_EXTRA_ABOVE = 64
 #: Matrices per operator refined further, and their extra squarings.
 _REFINED = 4
 _REFINE_SQUARINGS = 4
+#: Squarings whose rounding allowance uses row sums (`_Powers._step`).
+_ROW_SUM_SQUARINGS = 2
+#: ... and only where the plain allowance, about 12 gamma_(n+2) sqrt(n) of a flat
+#: spectrum's top, would exceed this (float32 from n ~ 128; never in float64).
+_ROW_SUM_ALLOWANCE = 1e-3
 
 
 def _unit_roundoff(dtype_name):
@@ -137,16 +148,65 @@ def forward_parts(kernel, geometry):
     return x[0], x[1]
 
 
-def _gram(real, imag):
+#: Largest (batch * chunks * n * n) for which `_gram` sums its inner
+#: products in chunks (`_inner_chunks`): the chunked Gram matrices are held
+#: at once.
+_CHUNKED_GRAM_MAX_ENTRIES = 1 << 22
+#: Smallest (inner length * n) chunked: below it the unchunked allowance,
+#: about 3 L n u / 4 of lambda_max for a random matrix, is under 1e-3 in
+#: float32 and chunking (slower small matmuls) would not pay.
+_CHUNKED_GRAM_MIN_SIZE = 1 << 14
+
+
+def _inner_chunks(length, batch, n):
+    """How many chunks `_gram` splits an inner dimension of `length` into.
+
+    A dot product of length L computed in any order errs by at most gamma_L
+    times the sum of |terms| (the order XLA, oneDNN or cuBLAS pick is not
+    known). Summed as k dot products of length b = ceil(L / k) whose results
+    are then added (in any order), the bound is gamma_(b + k - 1): with
+    k ~ sqrt(L), 1280-wide 1x1 convs get a float32 rounding allowance of
+    0.1% instead of 3% of their norm. Same arithmetic; k Gram matrices held
+    at once, so only where they fit `_CHUNKED_GRAM_MAX_ENTRIES`."""
+    if length * n < _CHUNKED_GRAM_MIN_SIZE:  # the allowance is small already
+        return 1
+    chunks = max(1, int(math.isqrt(length)))
+    while chunks > 1 and batch * chunks * n * n > _CHUNKED_GRAM_MAX_ENTRIES:
+        chunks //= 2
+    return chunks
+
+
+def _gram_length(length, chunks):
+    """The accumulation length whose gamma bounds a chunked dot product."""
+    return -(-length // chunks) + chunks - 1
+
+
+def _chunked_inner(a, b, chunks):
+    """a^T b (batch, L, n) x (batch, L, p) summed over `chunks` pieces of L."""
+    if chunks == 1:
+        return ops.matmul(ops.swapaxes(a, -1, -2), b)
+    batch, length = a.shape[0], a.shape[1]
+    size = -(-length // chunks)
+    pad = size * chunks - length
+    if pad:  # zero rows add exact zeros
+        a = ops.pad(a, ((0, 0), (0, pad), (0, 0)))
+        b = ops.pad(b, ((0, 0), (0, pad), (0, 0)))
+    a = ops.reshape(a, (batch, chunks, size, a.shape[-1]))
+    b = ops.reshape(b, (batch, chunks, size, b.shape[-1]))
+    return ops.sum(ops.matmul(ops.swapaxes(a, -1, -2), b), axis=1)
+
+
+def _gram(real, imag, chunks=1):
     """Parts of the smaller Gram matrix of A = real + i imag (batch, m, n):
     A^H A if n <= m, else A A^H; two real matmuls (the real part as one
-    matmul of the stacked parts, the antisymmetric imaginary part X - X^T)."""
+    matmul of the stacked parts, the antisymmetric imaginary part X - X^T).
+    `chunks`: sum the inner products in that many pieces (`_inner_chunks`)."""
     m, n = real.shape[-2:]
     if n > m:
         real, imag = ops.swapaxes(real, -1, -2), -ops.swapaxes(imag, -1, -2)
     stacked = ops.concatenate([real, imag], axis=-2)
-    gram_real = ops.matmul(ops.swapaxes(stacked, -1, -2), stacked)
-    mixed = ops.matmul(ops.swapaxes(real, -1, -2), imag)
+    gram_real = _chunked_inner(stacked, stacked, chunks)
+    mixed = _chunked_inner(real, imag, chunks)
     return gram_real, mixed - ops.swapaxes(mixed, -1, -2)
 
 
@@ -216,12 +276,24 @@ class _Powers:
         zero = ops.zeros_like(log_bound)
         self.pending = (zero, zero) if pending is None else pending
 
-    def _step(self, real, imag, log_bound, pending_ratio, pending_weight, weight):
+    def _step(self, real, imag, log_bound, pending_ratio, pending_weight, weight,
+              row_sums=False):
         """One squaring; `weight` = 1 / 2^(steps after it)."""
         n, u = self.n, self.u
+        # The product's error is <= 6 gamma_(n+2) |||R| + |I|||_2^2 (two real
+        # matmuls and their sums, entrywise against (|R| + |I|)^2), and the
+        # spectral norm of that non-negative symmetric matrix is at most
+        # both its Frobenius norm (sqrt 2, as ||H||_F = 1) and its largest
+        # row sum. The row sums are far smaller only for the flat spectra of
+        # the first squarings (wide random matrices), so only those pay the
+        # extra ops (`_ROW_SUM_SQUARINGS`; eager and non-XLA graphs pay per op).
+        spread = 2.0
+        if row_sums and 12 * _gamma(n + 2, u) * math.sqrt(n) > _ROW_SUM_ALLOWANCE:
+            rows = ops.max(ops.sum(ops.abs(real) + ops.abs(imag), axis=-1), axis=-1)
+            spread = ops.minimum(ops.square(rows) * (1 + 3 * _gamma(n, u)), 2.0)  # sums' rounding
         real, imag = _hermitian_square(real, imag)
         c = ops.maximum(_frobenius(real, imag), 1e-30)
-        error = 12 * _gamma(n + 2, u) + 2 * u * c
+        error = 6 * _gamma(n + 2, u) * spread + 2 * u * c
         # The previous square's term, now that its lower bound is known.
         lower = _lower_bound(c - error, n, u)
         log_bound = log_bound + ops.log1p(pending_ratio / lower) * pending_weight
@@ -237,10 +309,16 @@ class _Powers:
 
     def squared(self):
         steps = self.steps + 1
-        return self._from_state(self._step(*self._state(), 0.5 ** steps), steps)
+        return self._from_state(self._step(*self._state(), 0.5 ** steps,
+                                           row_sums=self.steps < _ROW_SUM_SQUARINGS), steps)
 
     def squared_times(self, count):
-        """`count` squarings in one loop (a small graph, quick to compile)."""
+        """`count` squarings, those after the first `_ROW_SUM_SQUARINGS` in one
+        loop (a small graph, quick to compile)."""
+        while count and self.steps < _ROW_SUM_SQUARINGS:
+            self, count = self.squared(), count - 1  # pylint: disable=self-cls-assignment
+        if not count:
+            return self
         dtype = self.real.dtype
 
         def body(i, state):
@@ -297,7 +375,8 @@ def norm_upper_bound(kernel, geometry, u=None, squarings=None):
     if n == 1:  # rows or columns: the Frobenius norm is the norm
         sigma = ops.max(_frobenius(real, imag)) * (1 + 2 * inner * u)
         return (sigma + transform_error) * scale * (1 + 4 * u)
-    gram_real, gram_imag = _gram(real, imag)
+    chunks = _inner_chunks(2 * inner, int(real.shape[0]), n)
+    gram_real, gram_imag = _gram(real, imag, chunks)
     trace = ops.sum(gram_real * ops.eye(n, dtype=gram_real.dtype), axis=(-2, -1))  # see _rayleigh
     s0 = ops.maximum(_frobenius(gram_real, gram_imag), 1e-30)
     powers = _Powers(gram_real / s0[:, None, None], gram_imag / s0[:, None, None],
@@ -306,11 +385,13 @@ def norm_upper_bound(kernel, geometry, u=None, squarings=None):
         powers = powers.squared_times(squarings)
         lam = powers.bound() * s0
     elif int(real.shape[0]) <= _REFINED:
-        for _ in range(_SCREEN_SQUARINGS + _REFINE_SQUARINGS):
-            powers = powers.squared()
+        # Few matrices (1x1 convs, Dense): square them all as often as a
+        # projected kernel, for the crowded tops of wide random matrices
+        # (7 squarings left 1.04x on MobileNetV2's 1280-wide 1x1 conv).
+        powers = powers.squared_times(_PROJECTED_SQUARINGS)
         lam = powers.bound() * s0
     else:
-        for _ in range(_SCREEN_SQUARINGS):
+        for _ in range(_SCREEN_SQUARINGS + (n > _SCREEN_EXTRA_ABOVE)):
             powers = powers.squared()
         # The refined matrices: the largest coarse bounds (times s0: the
         # bound on lambda_max(G) itself). The rest keep their coarse bound.
@@ -321,7 +402,7 @@ def norm_upper_bound(kernel, geometry, u=None, squarings=None):
         lam = ops.concatenate([refined.bound() * ops.take(s0, indices[:_REFINED]),
                                values[_REFINED:]])
     # The Gram matrix's rounding, added for every matrix (largest trace).
-    gram_error = 3 * _gamma(2 * inner, u) * trace
+    gram_error = 3 * _gamma(_gram_length(2 * inner, chunks), u) * trace
     lam = lam * (1 + 4 * u)
     top = ops.max(lam) + ops.max(gram_error) * (1 + 2 * u)
     sigma = ops.sqrt(top) * (1 + 2 * u)
