@@ -89,6 +89,32 @@ def test_empirical_lower_bounds_never_exceed_the_bound(build, rng):
     assert 0 < empirical <= bound * (1 + 1e-6)
 
 
+def test_free_pairs_find_a_steeper_region_away_from_the_data(rng):
+    """f(x) = 5 relu(x1 - 10) + x2: gain 1 wherever the data are (x near 0),
+    sqrt(26) beyond x1 = 10. Searches that keep x at the data cannot see
+    that region; pairs started far enough apart to span the kink move into it."""
+    model = keras.Sequential([keras.Input((2,)), L.Dense(2, activation="relu"), L.Dense(1)])
+    model.layers[0].set_weights([np.eye(2, dtype=np.float32),
+                                 np.array([-10.0, 100.0], np.float32)])
+    model.layers[1].set_weights([np.array([[5.0], [1.0]], np.float32),
+                                 np.array([-100.0], np.float32)])
+    x = rng.standard_normal((8, 2)).astype(np.float32)
+    local = lipschitz.empirical_lower_bound(model, x, free_pairs_steps=0)
+    free = lipschitz.empirical_lower_bound(model, x, free_pair_distance=30.0)
+    assert local == pytest.approx(1.0, rel=1e-3)
+    assert 2.0 < free <= np.sqrt(26.0) * (1 + 1e-5)
+    assert free <= float(lipschitz.lipschitz_bound(model)) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("argument,value", [("free_pair_distance", 0.0),
+                                            ("free_pair_distance", float("nan")),
+                                            ("free_pairs_steps", -1), ("pairs_steps", 2.5)])
+def test_empirical_lower_bound_rejects_bad_arguments(argument, value):
+    model = keras.Sequential([keras.Input((2,)), L.Dense(1)])
+    with pytest.raises(ValueError, match=argument):
+        lipschitz.empirical_lower_bound(model, np.zeros((1, 2), np.float32), **{argument: value})
+
+
 def _linear_matrix(model, input_shape):
     """The Jacobian of an affine model: f(e_j) - f(0), column by column."""
     zero = model(np.zeros((1,) + tuple(input_shape), np.float64)).numpy().reshape(-1)

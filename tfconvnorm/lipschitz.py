@@ -35,6 +35,7 @@ from tfconvnorm import _compat
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm import spectral
 from tfconvnorm.spectral import padding as padding_lib
+from tfconvnorm.spectral.arguments import check_positive
 
 # sup |f'| of each activation (the l2 Lipschitz constant of an elementwise
 # function is that of its scalar function). Smooth ones whose maximum has no
@@ -561,17 +562,34 @@ def lipschitz_bound(model, input_shape=None, layer_bounds=None):
 
 
 def empirical_lower_bound(model, inputs, pairs_steps=50, jacobian_iterations=50, step_size=0.1,
-                          seed=0):
+                          seed=0, free_pairs_steps=50, free_pair_distance=1.0):
     """The largest ||f(x) - f(y)|| / ||x - y|| and Jacobian norm found, a lower
     estimate of the model's Lipschitz constant (for checking `lipschitz_bound`).
 
-    From each input x of `inputs` (a batch), gradient ascent on the ratio over
-    pairs (x, x + delta), and power iteration on the Jacobian at x (its norm
-    is the local Lipschitz constant). Inference mode.
+    From each input x of `inputs` (a batch): power iteration on the Jacobian
+    at x (its norm is the local Lipschitz constant); gradient ascent on the
+    ratio over pairs (x, x + delta) in delta; and "free" pairs (x + a,
+    x + a + delta) started `free_pair_distance` apart, ascended in both a and
+    delta. The Lipschitz constant is a supremum over all inputs, and a
+    piecewise-linear network's Jacobian is constant within each region, so
+    its gradient cannot lead x anywhere: a pair that spans regions can
+    move. Inference mode.
+
+    Args:
+      pairs_steps, jacobian_iterations, free_pairs_steps: iterations of each
+        search (0 skips the pairs searches).
+      step_size: each ascent step's length relative to the pair's distance.
+      free_pair_distance: the l2 distance the free pairs start at.
 
     Returns:
       The largest value found (a float).
     """
+    for name, value in (("pairs_steps", pairs_steps), ("jacobian_iterations", jacobian_iterations),
+                        ("free_pairs_steps", free_pairs_steps)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"`{name}` must be an int >= 0; received {name}={value!r}.")
+    free_pair_distance = check_positive(free_pair_distance, "free_pair_distance")
+    step_size = check_positive(step_size, "step_size")
     x = tf.convert_to_tensor(inputs, tf.float32)
     generator = tf.random.Generator.from_seed(seed)
 
@@ -612,4 +630,34 @@ def empirical_lower_bound(model, inputs, pairs_steps=50, jacobian_iterations=50,
         shape = (-1,) + (1,) * (len(x.shape) - 1)
         delta = delta + step_size * tf.reshape(delta_norm / tf.maximum(grad_norm, 1e-30),
                                                shape) * grad
+    return max(best, _free_pairs(f, x, generator, free_pairs_steps, free_pair_distance,
+                                 step_size))
+
+
+def _free_pairs(f, x, generator, steps, distance, step_size):
+    """The largest ratio found by ascending pairs in both endpoints (see
+    `empirical_lower_bound`); each step moves each of a and delta by
+    `step_size` times the pair's distance."""
+    count = tf.shape(x)[0]
+    shape = (-1,) + (1,) * (len(x.shape) - 1)
+
+    def norms(t):
+        return tf.norm(tf.reshape(t, (count, -1)), axis=1)
+
+    shift = tf.zeros_like(x)
+    delta = generator.normal(tf.shape(x))
+    delta = delta * tf.reshape(distance / tf.maximum(norms(delta), 1e-30), shape)
+    best = 0.0
+    for _ in range(steps):
+        with tf.GradientTape() as tape:
+            tape.watch([shift, delta])
+            start = x + shift
+            ratio = (tf.norm(tf.reshape(f(start + delta) - f(start), (count, -1)), axis=1)
+                     / norms(delta))
+            total = tf.reduce_sum(ratio)
+        best = max(best, float(tf.reduce_max(ratio)))
+        grad_shift, grad_delta = tape.gradient(total, [shift, delta])
+        length = step_size * norms(delta)
+        delta = delta + tf.reshape(length / tf.maximum(norms(grad_delta), 1e-30), shape) * grad_delta
+        shift = shift + tf.reshape(length / tf.maximum(norms(grad_shift), 1e-30), shape) * grad_shift
     return best
