@@ -28,8 +28,9 @@ Per arm: clean accuracy; certified accuracy at each eps; PGD-l2 robust
 accuracy (`PGD_STEPS` steps of size 2.5 eps / steps on the margin loss,
 `PGD_RESTARTS` restarts from random points in the ball, the worst per
 example); the empirical lower bound on the Lipschitz constant: the largest
-of `empirical_lower_bound` (gradient-ascent pairs, Jacobian power iteration
-on test images) and ||f(x) - f(x')|| / ||x - x'|| over all attack pairs.
+of `empirical_lower_bound` started from every test image (Jacobian power
+iteration, gradient-ascent pairs at the image, and free pairs ascended in
+both endpoints) and ||f(x) - f(x')|| / ||x - x'|| over all attack pairs.
 """
 
 import argparse
@@ -126,7 +127,9 @@ def evaluate(model, certificate, x, y, empirical_x):
     return row
 
 
-def train(model, x, y, epochs, callbacks=(), lr=1e-3):
+def train(model, x, y, epochs, callbacks=(), lr=1e-3, schedule="constant"):
+    if schedule == "cosine":  # to zero over the run (64-example batches)
+        lr = keras.optimizers.schedules.CosineDecay(lr, epochs * -(-len(x) // 64))
     model.compile(keras.optimizers.Adam(lr),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     start = time.time()
@@ -142,6 +145,14 @@ def main():
     parser.add_argument("--scale", type=float, default=10.0,
                         help="logit scale of every arm (its certificate's factor)")
     parser.add_argument("--activation", default="maxmin")
+    parser.add_argument("--lr_schedule", default="constant", choices=("constant", "cosine"),
+                        help="Adam's learning rate for every arm: constant, or cosine decay "
+                        "to zero")
+    parser.add_argument("--resnet_width", type=int, default=16,
+                        help="channels of the ResNet arm's first stage")
+    parser.add_argument("--empirical_examples", type=int, default=None,
+                        help="test images the empirical lower bound starts from "
+                        "(default: all)")
     parser.add_argument("--arms", default="lipschitz_convnet,lipschitz_resnet8,"
                         "spectral_norm_convnet,paper_protocol_convnet")
     parser.add_argument("--save_data", default=None,
@@ -152,9 +163,11 @@ def main():
     if args.save_data:
         np.savez(args.save_data, x_train=x_train, y_train=y_train, x_test=x_test,
                  y_test=y_test)
-    empirical_x = x_test[:64]
+    empirical_x = x_test[:args.empirical_examples]
     results = dict(epochs=args.epochs, scale=args.scale, eps=EPS, pgd_steps=PGD_STEPS,
-                   pgd_restarts=PGD_RESTARTS, arms={})
+                   pgd_restarts=PGD_RESTARTS, lr_schedule=args.lr_schedule,
+                   empirical_examples=len(empirical_x), resnet_width=args.resnet_width,
+                   arms={})
 
     def record(name, model, seconds, certificate, **extra):
         row = evaluate(model, certificate, x_test, y_test, empirical_x)
@@ -166,17 +179,20 @@ def main():
     if "lipschitz_convnet" in arms:
         model = models.lipschitz_convnet((32, 32, 1), 10, lipschitz=args.scale,
                                          widths=(16, 32), activation=args.activation)
-        seconds = train(model, x_train, y_train, args.epochs)
+        seconds = train(model, x_train, y_train, args.epochs, schedule=args.lr_schedule)
         record("lipschitz_convnet", model, seconds, float(tfconvnorm.lipschitz_bound(model)))
-    if "lipschitz_resnet8" in arms:
-        model = models.lipschitz_resnet((32, 32, 1), 10, 8, lipschitz=args.scale, width=16,
-                                        activation=args.activation)
-        seconds = train(model, x_train, y_train, args.epochs)
-        record("lipschitz_resnet8", model, seconds, float(tfconvnorm.lipschitz_bound(model)))
+    for depth in (8, 14):  # arms lipschitz_resnet8, lipschitz_resnet14
+        if f"lipschitz_resnet{depth}" in arms:
+            model = models.lipschitz_resnet((32, 32, 1), 10, depth, lipschitz=args.scale,
+                                            width=args.resnet_width,
+                                            activation=args.activation)
+            seconds = train(model, x_train, y_train, args.epochs, schedule=args.lr_schedule)
+            record(f"lipschitz_resnet{depth}", model, seconds,
+                   float(tfconvnorm.lipschitz_bound(model)))
     if "spectral_norm_convnet" in arms:
         spectral_norm_arm(args, x_train, y_train, x_test, record)
     if "paper_protocol_convnet" in arms:
-        paper_arm(x_train, y_train, args.epochs, record)
+        paper_arm(args, x_train, y_train, record)
 
     results.update(tensorflow=tf.__version__, keras=keras.__version__,
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
@@ -189,7 +205,7 @@ def main():
 
 def spectral_norm_arm(args, x_train, y_train, x_test, record):
     model = convnet("spectral_norm", args.scale)
-    seconds = train(model, x_train, y_train, args.epochs)
+    seconds = train(model, x_train, y_train, args.epochs, schedule=args.lr_schedule)
     plain = unwrapped(model, args.scale)
     np.testing.assert_allclose(plain(x_test[:8]).numpy(), model(x_test[:8]).numpy(), rtol=1e-4,
                                atol=1e-4)
@@ -197,11 +213,12 @@ def spectral_norm_arm(args, x_train, y_train, x_test, record):
            exact_lipschitz_bound=float(tfconvnorm.lipschitz_bound(plain)))
 
 
-def paper_arm(x_train, y_train, epochs, record):
+def paper_arm(args, x_train, y_train, record):
     model = convnet("paper", 1.0)
     clipper = tfconvnorm.OperatorNormClipper(1.0, every_n_steps=100, method="paper",
                                              kinds=tfconvnorm.CONV_KINDS)
-    seconds = train(model, x_train, y_train, epochs, callbacks=[clipper], lr=1e-2)
+    seconds = train(model, x_train, y_train, args.epochs, callbacks=[clipper], lr=1e-2,
+                    schedule=args.lr_schedule)
     tfconvnorm.recalibrate_batch_norm(
         model, tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(128), 12)
     record("paper_protocol_convnet", model, seconds, float(tfconvnorm.lipschitz_bound(model)))

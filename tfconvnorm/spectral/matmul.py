@@ -42,8 +42,8 @@ import numpy as np
 from tfconvnorm.spectral.operator import Geometry, prepare_kernel
 
 #: Squarings of every frequency's Gram matrix (the coarse bounds), and one
-#: more above this matrix size: the tops of many wide random matrices crowd
-#: (3 squarings left 1.03x on 256-channel 3x3 convs at 7x7, 4 leave 1.006x).
+#: more above this matrix size, where the tops of many wide random matrices
+#: crowd beyond what refining `_REFINED` of them settles (BENCHMARKS.md).
 _SCREEN_SQUARINGS = 3
 _SCREEN_EXTRA_ABOVE = 64
 #: Matrices per operator refined further, and their extra squarings.
@@ -387,7 +387,7 @@ def norm_upper_bound(kernel, geometry, u=None, squarings=None):
     elif int(real.shape[0]) <= _REFINED:
         # Few matrices (1x1 convs, Dense): square them all as often as a
         # projected kernel, for the crowded tops of wide random matrices
-        # (7 squarings left 1.04x on MobileNetV2's 1280-wide 1x1 conv).
+        # (MobileNetV2's 1280-wide 1x1 conv; BENCHMARKS.md).
         powers = powers.squared_times(_PROJECTED_SQUARINGS)
         lam = powers.bound() * s0
     else:
