@@ -562,7 +562,7 @@ def lipschitz_bound(model, input_shape=None, layer_bounds=None):
 
 
 def empirical_lower_bound(model, inputs, pairs_steps=50, jacobian_iterations=50, step_size=0.1,
-                          seed=0, free_pairs_steps=50, free_pair_distance=1.0):
+                          seed=0, free_pairs_steps=None, free_pair_distance=1.0):
     """The largest ||f(x) - f(y)|| / ||x - y|| and Jacobian norm found, a lower
     estimate of the model's Lipschitz constant (for checking `lipschitz_bound`).
 
@@ -577,13 +577,16 @@ def empirical_lower_bound(model, inputs, pairs_steps=50, jacobian_iterations=50,
 
     Args:
       pairs_steps, jacobian_iterations, free_pairs_steps: iterations of each
-        search (0 skips the pairs searches).
+        search (0 skips a pairs search); free_pairs_steps defaults to
+        pairs_steps.
       step_size: each ascent step's length relative to the pair's distance.
       free_pair_distance: the l2 distance the free pairs start at.
 
     Returns:
       The largest value found (a float).
     """
+    if free_pairs_steps is None:
+        free_pairs_steps = pairs_steps
     for name, value in (("pairs_steps", pairs_steps), ("jacobian_iterations", jacobian_iterations),
                         ("free_pairs_steps", free_pairs_steps)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
