@@ -161,10 +161,8 @@ def trained_resnet32(epochs):
     for the bound's tightness after training too, when spectra have
     developed outliers that He init lacks. Digits (1437 images, grey tiled to
     3 channels) are what this offline machine has."""
-    from tfconvnorm.models import cifar_input  # pylint: disable=import-outside-toplevel
-    train, _ = cifar_input.build_dataset("digits", "train", 1437, is_training=False,
-                                         normalize="unit")
-    (x, y), = [(x.numpy(), y.numpy()) for x, y in train]
+    from benchmarks.certified_robustness import digits  # pylint: disable=import-outside-toplevel
+    x, y, _, _ = digits()
     x = np.repeat(x, 3, axis=-1)
     model = resnet32_model(0)
     model.compile(keras.optimizers.SGD(0.05, momentum=0.9),

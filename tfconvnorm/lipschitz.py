@@ -618,49 +618,43 @@ def empirical_lower_bound(model, inputs, pairs_steps=50, jacobian_iterations=50,
         y = f(x)
     local = tf.norm(accumulator.jvp(y), axis=1)
     best = max(best, float(tf.reduce_max(local)))
-    # Pairs: ascend ||f(x + d) - f(x)|| / ||d|| in d.
-    delta = 1e-2 * generator.normal(tf.shape(x))
-    for _ in range(pairs_steps):
-        with tf.GradientTape() as tape:
-            tape.watch(delta)
-            ratio = (tf.norm(tf.reshape(f(x + delta) - f(x), (tf.shape(x)[0], -1)), axis=1)
-                     / tf.norm(tf.reshape(delta, (tf.shape(x)[0], -1)), axis=1))
-            total = tf.reduce_sum(ratio)
-        best = max(best, float(tf.reduce_max(ratio)))
-        grad = tape.gradient(total, delta)
-        grad_norm = tf.norm(tf.reshape(grad, (tf.shape(x)[0], -1)), axis=1)
-        delta_norm = tf.norm(tf.reshape(delta, (tf.shape(x)[0], -1)), axis=1)
-        shape = (-1,) + (1,) * (len(x.shape) - 1)
-        delta = delta + step_size * tf.reshape(delta_norm / tf.maximum(grad_norm, 1e-30),
-                                               shape) * grad
-    return max(best, _free_pairs(f, x, generator, free_pairs_steps, free_pair_distance,
-                                 step_size))
-
-
-def _free_pairs(f, x, generator, steps, distance, step_size):
-    """The largest ratio found by ascending pairs in both endpoints (see
-    `empirical_lower_bound`); each step moves each of a and delta by
-    `step_size` times the pair's distance."""
-    count = tf.shape(x)[0]
-    shape = (-1,) + (1,) * (len(x.shape) - 1)
-
-    def norms(t):
-        return tf.norm(tf.reshape(t, (count, -1)), axis=1)
-
-    shift = tf.zeros_like(x)
+    # Pairs at the data, then free pairs (see the docstring).
+    best = max(best, _ascend_pairs(f, x, 1e-2 * generator.normal(tf.shape(x)), pairs_steps,
+                                   step_size, move_start=False))
     delta = generator.normal(tf.shape(x))
-    delta = delta * tf.reshape(distance / tf.maximum(norms(delta), 1e-30), shape)
+    delta = delta * tf.reshape(free_pair_distance / tf.maximum(_per_example_norms(delta), 1e-30),
+                               _per_example_shape(x))
+    return max(best, _ascend_pairs(f, x, delta, free_pairs_steps, step_size, move_start=True))
+
+
+def _per_example_norms(t):
+    return tf.norm(tf.reshape(t, (tf.shape(t)[0], -1)), axis=1)
+
+
+def _per_example_shape(x):
+    return (-1,) + (1,) * (len(x.shape) - 1)
+
+
+def _ascend_pairs(f, x, delta, steps, step_size, move_start):
+    """The largest ||f(s + delta) - f(s)|| / ||delta|| found by gradient ascent
+    from s = x: in delta, and with `move_start` in s too. Each step moves
+    each by `step_size` times the pair's distance."""
+    shape = _per_example_shape(x)
+    shift = tf.zeros_like(x)
     best = 0.0
     for _ in range(steps):
         with tf.GradientTape() as tape:
             tape.watch([shift, delta])
-            start = x + shift
-            ratio = (tf.norm(tf.reshape(f(start + delta) - f(start), (count, -1)), axis=1)
-                     / norms(delta))
+            start = x + shift if move_start else x
+            ratio = (_per_example_norms(f(start + delta) - f(start))
+                     / _per_example_norms(delta))
             total = tf.reduce_sum(ratio)
         best = max(best, float(tf.reduce_max(ratio)))
-        grad_shift, grad_delta = tape.gradient(total, [shift, delta])
-        length = step_size * norms(delta)
-        delta = delta + tf.reshape(length / tf.maximum(norms(grad_delta), 1e-30), shape) * grad_delta
-        shift = shift + tf.reshape(length / tf.maximum(norms(grad_shift), 1e-30), shape) * grad_shift
+        grad_shift, grad = tape.gradient(total, [shift, delta])
+        delta_norm = _per_example_norms(delta)
+        delta = delta + step_size * tf.reshape(
+            delta_norm / tf.maximum(_per_example_norms(grad), 1e-30), shape) * grad
+        if move_start:
+            shift = shift + step_size * tf.reshape(
+                delta_norm / tf.maximum(_per_example_norms(grad_shift), 1e-30), shape) * grad_shift
     return best

@@ -12,8 +12,9 @@ the clipper, and is its reference in the tests.
 The bound (Delattre et al. 2023, Gram iteration): for the Gram matrix G of a
 per-frequency matrix P, lambda_max(G) <= ||G^(2^t)||_F^(1/2^t), within a
 factor rank^(1/2^(t+1)) of it. Every frequency gets `_SCREEN_SQUARINGS`
-squarings (one more for matrices wider than `_SCREEN_EXTRA_ABOVE`); the `_REFINED` matrices of the operator with the largest bounds
-(`top_k`: a static shape) get `_REFINE_SQUARINGS` more. The result is the
+squarings (one more for matrices wider than `_SCREEN_EXTRA_ABOVE`); the
+`_REFINED` matrices of the operator with the largest bounds (`top_k`: a
+static shape) get `_REFINE_SQUARINGS` more. The result is the
 largest of the refined bounds and of the coarse bounds of the rest, so it
 holds whichever frequencies were picked. Hermitian squarings take two real
 matmuls (R I and (R + I)(R - I), with R symmetric and I antisymmetric).
