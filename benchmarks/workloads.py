@@ -143,14 +143,14 @@ def resnet32_layers(seed=0):
 def resnet50v2_layers(seed=0, image_size=224):
     """The 53 convs of ResNet50V2 at `image_size`, with He-normal random kernels.
 
-    Geometry from `models.imagenet_resnet_v2.resnet50v2_layer_set` (the layers'
+    Geometry from `checkpoints.architectures.resnet50v2_layer_set` (the layers'
     own, explicitly padded input sizes 230, 58, 30, 16, 9); timings do not
     depend on the kernel values.
     """
-    from tfconvnorm.models import imagenet_resnet_v2  # pylint: disable=g-import-not-at-top
+    from tfconvnorm.checkpoints import architectures  # pylint: disable=g-import-not-at-top
     rng = np.random.default_rng(seed)
     layers = []
-    for name, shape, geometry in imagenet_resnet_v2.resnet50v2_layer_set(image_size):
+    for name, shape, geometry in architectures.resnet50v2_layer_set(image_size):
         layers.append(circular_layer(name, he_normal_kernel(shape, rng), geometry.input_shape,
                                      geometry.strides, geometry.dilation_rate, geometry.groups))
     return layers

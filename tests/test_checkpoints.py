@@ -436,3 +436,33 @@ def test_float64_spectra(model):
     assert spectrum.singular_values.dtype == np.float64
     with pytest.raises(ValueError, match="dtype"):
         checkpoints.layer_spectra(records, dtype="float16")
+
+
+def test_the_reader_table_claims_each_file_once_and_read_dispatches_on_it(files, tf1_prefix,
+                                                                           model):
+    # FORMATS, --format and detection all come from READERS: a reader missing
+    # from the table, or two readers claiming one file, show up here.
+    assert checkpoints.FORMATS == tuple(r.FORMAT for r in checkpoints.READERS)
+    assert len(set(checkpoints.FORMATS)) == len(checkpoints.READERS) == 6
+    cases = {files["keras"]: "keras", files["weights"]: "keras_weights",
+             files["legacy"]: "keras_weights", files["tf2_prefix"]: "tf2",
+             tf1_prefix: "tf1_meta"}
+    for path, fmt in cases.items():
+        claimed = []
+        for reader in checkpoints.READERS:
+            try:
+                if reader.detect(path):
+                    claimed.append(reader.FORMAT)
+            except (checkpoints.CheckpointError, FileNotFoundError):
+                pass  # the TF-checkpoint readers refuse files that are not checkpoints
+        assert claimed == [fmt], path
+        assert checkpoints.detect_format(path) == fmt
+    # The files that carry their own architecture read without one.
+    for path in (files["keras"], tf1_prefix):
+        found = checkpoints.read(path)
+        assert isinstance(found, checkpoints.Checkpoint)
+        assert (found.format, found.path) == (cases[path], path)
+        assert (found.model is None) == (found.no_model is not None)
+    check_tiny_records(checkpoints.read(files["keras"]).records, model)
+    with pytest.raises(ValueError, match="format must be one of"):
+        checkpoints.read(files["keras"], format="onnx")

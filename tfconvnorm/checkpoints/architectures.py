@@ -12,6 +12,7 @@ ResNet V2s from their depth; the readers check every variable against it.
 import os
 
 from tfconvnorm import files
+from tfconvnorm import geometry as geometry_lib
 
 CIFAR_ARCHITECTURE = "cifar_resnet_v2"
 IMAGENET_ARCHITECTURES = ("resnet50v2", "resnet101v2", "resnet152v2",
@@ -101,3 +102,28 @@ def build_imagenet(depth, image_size, include_top=True):
     model = imagenet_resnet_v2.build_resnet_v2(depth, size, include_top=include_top)
     top = "" if include_top else ", no classifier"
     return model, f"ResNet{depth}V2 at {size}x{size}{top}"
+
+
+def resnet_v2_layer_set(depth_or_name=50, image_size=DEFAULT_IMAGENET_SIZE, include_dense=False,
+                        boundary=geometry_lib.BOUNDARY_LAYER):
+    """The linear operators of an ImageNet ResNet V2 as `(name, kernel_shape, geometry)`.
+
+    `name` is the Keras kernel path (`"conv2_block1_2_conv/kernel"`),
+    `kernel_shape` the shape in the spectral core's layout and `geometry` a
+    `tfconvnorm.geometry.ConvGeometry`: `conv_singular_values(kernel,
+    **geometry.spectral_kwargs())` gives a layer's spectrum. Convs only unless
+    `include_dense` (53 convs for ResNet50V2). `boundary`: as for
+    `tfconvnorm.model_geometry`; with "circular", where a stride does not
+    divide an input size (e.g. at 299) the layer's geometry uses the next
+    size it divides and is marked `approximate`.
+    """
+    from tfconvnorm.models import imagenet_resnet_v2  # pylint: disable=import-outside-toplevel
+    model = imagenet_resnet_v2.build_resnet_v2(depth_or_name, image_size)
+    return [(op.name, tuple(op.geometry.kernel_shape), op.geometry)
+            for op in geometry_lib.model_geometry(model, round_up=True, boundary=boundary)
+            if include_dense or op.geometry.kind != "dense"]
+
+
+def resnet50v2_layer_set(image_size=DEFAULT_IMAGENET_SIZE):
+    """The 53 convs of ResNet50V2 (1x1 included) at `image_size`; see `resnet_v2_layer_set`."""
+    return resnet_v2_layer_set(50, image_size)

@@ -5,8 +5,23 @@ import zipfile
 
 import keras
 
-from tfconvnorm.checkpoints.common import (CheckpointError, first_line, model_records,
-                                           require_exists)
+from tfconvnorm.checkpoints.records import (Checkpoint, CheckpointError, first_line,
+                                            model_records)
+from tfconvnorm.checkpoints.tf_checkpoint import ZIP_MAGIC, file_magic, require_exists
+
+FORMAT = "keras"
+
+
+def detect(path):
+    """A file with a zip archive's magic bytes, or named `.keras`."""
+    return os.path.isfile(path) and (file_magic(path).startswith(ZIP_MAGIC)
+                                     or path.endswith(".keras"))
+
+
+def read(path, family=None, depth=None, image_size=None):  # pylint: disable=unused-argument
+    """The `Checkpoint` of a `.keras` file: the model in it is the architecture."""
+    model = load_keras_model_file(path)
+    return Checkpoint(path, FORMAT, model_records(model), "model from the .keras file", model)
 
 
 def read_keras_model_file(path):

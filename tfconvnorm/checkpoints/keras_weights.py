@@ -2,10 +2,69 @@
 and Keras 3 `.weights.h5`, read against an architecture."""
 
 import os
+import re
 
 from tfconvnorm import _compat
-from tfconvnorm.checkpoints.common import (CheckpointError, first_line, model_operators,
-                                           records_from_operators, require_exists)
+from tfconvnorm.checkpoints import architectures
+from tfconvnorm.checkpoints.records import (Checkpoint, CheckpointError, first_line,
+                                            model_operators, records_from_operators, with_values)
+from tfconvnorm.checkpoints.tf_checkpoint import HDF5_MAGIC, file_magic, require_exists
+
+FORMAT = "keras_weights"
+
+
+def detect(path):
+    """A file with HDF5's magic bytes, or named `.h5` / `.hdf5`."""
+    return os.path.isfile(path) and (file_magic(path).startswith(HDF5_MAGIC)
+                                     or path.endswith((".h5", ".hdf5")))
+
+
+def read(path, family=None, depth=None, image_size=None):
+    """The `Checkpoint` of a Keras weights file, against the architecture given
+    (`family`, `depth`) or, where none is, the ImageNet ResNet V2 its layer
+    names show."""
+    names = keras_weights_layer_names(path)
+    if family is None:
+        depth = depth_from_weight_names(names)
+        if depth is None:
+            raise ValueError(f"--architecture is needed: {path} is not recognisably a "
+                             "ResNet50V2/101V2/152V2 weights file")
+        family = "imagenet"
+    if family == "imagenet":
+        model, description = architectures.build_imagenet(
+            depth, image_size, include_top=has_classifier(names))
+    else:
+        config, config_path = architectures.find_run_config(path)
+        model, description = architectures.build_cifar(depth, image_size, config, config_path)
+    values = keras_weights_values(path, model)
+    records = records_from_operators(model_operators(model), values)
+    return Checkpoint(path, FORMAT, records, description, with_values(model, values))
+
+
+def depth_from_weight_names(names):
+    """The depth of a ResNet V2 whose Keras weights file holds these layer names, or None.
+
+    Legacy `.h5` files (`keras.applications`' downloads) name layers
+    (`conv4_block23_1_conv`: conv4 has 6/23/36 blocks); Keras 3 `.weights.h5`
+    files number them by class (`conv2d_103`: 53/104/155 convs).
+    """
+    from tfconvnorm.models.imagenet_resnet_v2 import STAGE_BLOCKS  # pylint: disable=import-outside-toplevel
+    names = list(names)
+    conv4_blocks = {int(m.group(1)) for m in map(re.compile(r"^conv4_block(\d+)_").match, names)
+                    if m}
+    for depth, blocks in STAGE_BLOCKS.items():
+        if conv4_blocks and max(conv4_blocks) == blocks[2]:
+            return depth
+    convs = sum(1 for n in names if re.match(r"^conv2d(_\d+)?$", n))
+    for depth, blocks in STAGE_BLOCKS.items():
+        if convs and convs == 3 * sum(blocks) + len(blocks) + 1:
+            return depth
+    return None
+
+
+def has_classifier(names):
+    """Whether a Keras weights file with these layer names includes the classifier."""
+    return any(n == "predictions" or re.match(r"^dense(_\d+)?$", n) for n in names)
 
 
 def _h5py():

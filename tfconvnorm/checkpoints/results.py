@@ -13,7 +13,9 @@ import tensorflow as tf
 from tfconvnorm.files import atomic_write
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm import spectral
-from tfconvnorm.checkpoints.common import DTYPES
+
+#: Precisions `layer_spectra` computes in.
+DTYPES = ("float32", "float64")
 
 
 SPECTRA_FILENAME = "spectra.npz"

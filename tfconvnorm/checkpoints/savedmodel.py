@@ -27,9 +27,12 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from tfconvnorm import _compat
 from tfconvnorm import geometry as geometry_lib
-from tfconvnorm.checkpoints.common import (TF2_GRAPH_KEY, CheckpointError, LayerRecord,
-                                           conv_op_attributes,
-                                           first_line, get_tensor, require_exists)
+from tfconvnorm.checkpoints.graph_ops import conv_op_attributes
+from tfconvnorm.checkpoints.records import (Checkpoint, CheckpointError, LayerRecord,
+                                            first_line)
+from tfconvnorm.checkpoints.tf_checkpoint import TF2_GRAPH_KEY, get_tensor, require_exists
+
+FORMAT = "savedmodel"
 
 SAVED_MODEL_FILENAME = "saved_model.pb"
 _CONV_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput")
@@ -48,6 +51,18 @@ def savedmodel_directory(path):
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, SAVED_MODEL_FILENAME)):
         return path
     return None
+
+
+def detect(path):
+    """A directory holding `saved_model.pb`, or that file."""
+    return savedmodel_directory(path) is not None
+
+
+def read(path, family=None, depth=None, image_size=None):  # pylint: disable=unused-argument
+    """The `Checkpoint` of a SavedModel: geometry from its serving functions' graphs."""
+    return Checkpoint(path, FORMAT, read_savedmodel(path, image_size=image_size),
+                      "functions of the SavedModel", None,
+                      "a SavedModel is read as graphs, not loaded as a Keras model")
 
 
 def _load(directory, path):

@@ -8,10 +8,13 @@ import warnings
 import tensorflow as tf
 
 from tfconvnorm import geometry as geometry_lib
-from tfconvnorm.checkpoints.common import (CheckpointError, LayerRecord, checkpoint_shapes,
-                                           conv_op_attributes,
-                                           first_line, get_tensor, require_exists,
-                                           resolve_checkpoint_prefix)
+from tfconvnorm.checkpoints.graph_ops import conv_op_attributes
+from tfconvnorm.checkpoints.records import (Checkpoint, CheckpointError, LayerRecord,
+                                            first_line)
+from tfconvnorm.checkpoints.tf_checkpoint import (checkpoint_shapes, get_tensor, require_exists,
+                                                  resolve_checkpoint_prefix)
+
+FORMAT = "tf1_meta"
 
 
 # Ops through which a conv's filter input is followed up to its variable.
@@ -21,6 +24,17 @@ _TF1_CONV_OPS = ("Conv2D", "DepthwiseConv2dNative", "Conv2DBackpropInput")
 # TF1 training graphs hold a Conv2DBackpropInput per conv in their gradients.
 _GRADIENT_SCOPE = re.compile(r"(^|/)gradients(_\d+)?/")
 _MAX_WALK = 16
+
+
+def detect(path):
+    """A TF checkpoint with its `.meta` graph next to it."""
+    return os.path.exists(resolve_checkpoint_prefix(path) + ".meta")
+
+
+def read(path, family=None, depth=None, image_size=None):  # pylint: disable=unused-argument
+    """The `Checkpoint` of a TF1 checkpoint: geometry from its `.meta` graph."""
+    return Checkpoint(path, FORMAT, read_tf1_meta_checkpoint(path, image_size=image_size),
+                      "graph from the .meta file", None, "a TF1 graph, not a Keras model")
 
 
 def _variable_op(tensor):

@@ -5,13 +5,44 @@ import os
 
 import tensorflow as tf
 
-from tfconvnorm.checkpoints.common import (TF2_GRAPH_KEY, CheckpointError, checkpoint_shapes,
-                                           get_tensor, model_operators, records_from_operators,
-                                           resolve_checkpoint_prefix)
+from tfconvnorm.checkpoints import architectures
+from tfconvnorm.checkpoints.records import (Checkpoint, CheckpointError, model_operators,
+                                            records_from_operators, with_values)
+from tfconvnorm.checkpoints.tf_checkpoint import (TF2_GRAPH_KEY, checkpoint_shapes, get_tensor,
+                                                  resolve_checkpoint_prefix)
+
+FORMAT = "tf2"
 
 
 _TF2_VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 _TF2_SLOT_MARKER = "/.OPTIMIZER_SLOT/"
+
+
+def detect(path):
+    """A TF checkpoint without a `.meta` graph that holds an object graph."""
+    prefix = resolve_checkpoint_prefix(path)
+    if os.path.exists(prefix + ".meta"):
+        return False
+    _, shapes = checkpoint_shapes(prefix, path)
+    return TF2_GRAPH_KEY in shapes
+
+
+def read(path, family=None, depth=None, image_size=None):
+    """The `Checkpoint` of a TF2 checkpoint, against the architecture given
+    (`family`, `depth`) or the one of the run's config.json."""
+    prefix = resolve_checkpoint_prefix(path)
+    config, config_path = architectures.find_run_config(path, prefix)
+    if family is None:
+        family, depth = architectures.architecture_family(
+            architectures.config_value(config, "architecture")
+            or architectures.CIFAR_ARCHITECTURE, depth)
+    if family == "imagenet":
+        model, description = architectures.build_imagenet(depth, image_size)
+    else:
+        model, description = architectures.build_cifar(depth, image_size, config, config_path)
+    values = tf2_checkpoint_values(prefix, model)
+    records = records_from_operators(model_operators(model), values)
+    return Checkpoint(path, FORMAT, records, description, with_values(model, values))
 
 
 def _escape_checkpoint_name(name):
