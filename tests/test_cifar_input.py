@@ -101,7 +101,7 @@ def test_build_dataset_digits_batches():
     assert num_test == len(test_labels) == 360  # evaluation keeps every example
     with pytest.raises(ValueError, match="batch_size=2000 exceeds the 1437 examples"):
         cifar_input.build_dataset("digits", "train", 2000)
-    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="`batch_size` must be a positive int; received batch_size=0"):
         cifar_input.build_dataset("digits", "train", 0)
 
 

@@ -19,6 +19,7 @@ from tfconvnorm import geometry
 from tfconvnorm import lipschitz as lipschitz_lib
 from tfconvnorm import plotting
 from tfconvnorm import spectral
+from tfconvnorm.spectral.arguments import check_positive_int
 
 PLOT_FILENAME = "spectra.png"
 
@@ -69,9 +70,7 @@ def analyse(checkpoint, output_dir, format=None, architecture=None, depth=None, 
     checkpoint = os.fspath(checkpoint)
     if dtype not in checkpoints.DTYPES:
         raise ValueError(f"dtype must be one of {checkpoints.DTYPES}, got {dtype!r}")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or image_size < 1):
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    check_positive_int(image_size, "image_size", allow_none=True)
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)):
         raise ValueError(f"depth must be an int, got {depth!r}")
     try:

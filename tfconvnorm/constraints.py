@@ -31,8 +31,10 @@ import tensorflow as tf
 
 from tfconvnorm import geometry as geometry_lib
 from tfconvnorm import spectral
-from tfconvnorm.spectral.arguments import check_method, check_positive, core_tensor
+from tfconvnorm.spectral.arguments import (check_method, check_positive, check_positive_int,
+                                         core_tensor, int_tuple)
 from tfconvnorm.spectral import matmul as matmul_lib
+from tfconvnorm.spectral import padding as padding_lib
 
 #: Kernel layouts a constraint/regularizer accepts (see OperatorNormConstraint):
 #: the kinds whose variable layouts the others share (`geometry.KINDS[k].layout`).
@@ -46,32 +48,6 @@ LAYOUTS = tuple(dict.fromkeys(spec.layout for spec in geometry_lib.KINDS.values(
 #: operator norm): one norm per step, not a projection.
 DEFAULT_CONSTRAINT_METHOD = "rescale"
 
-def _normalize_padding_arg(padding):
-    """A padding mode name, or per-axis (before, after) pairs as tuples (JSON
-    configs give lists)."""
-    if isinstance(padding, str):
-        if padding.lower() in spectral.PADDING_MODES:
-            return padding.lower()
-    elif isinstance(padding, (list, tuple)) and all(
-            isinstance(pair, (list, tuple)) and len(pair) == 2
-            and all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in pair)
-            for pair in padding):
-        return tuple(tuple(pair) for pair in padding)
-    raise ValueError(f"`padding` must be one of {spectral.PADDING_MODES} or per-axis "
-                     f"(before, after) pairs of non-negative ints; received padding={padding!r}.")
-
-
-def _normalize_shape_arg(value, argument):
-    """int or tuple of ints (lists from JSON configs become tuples)."""
-    if isinstance(value, (list, tuple)):
-        value = tuple(value)
-        if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-            return value
-    elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    raise ValueError(f"`{argument}` must be a positive int or a tuple of positive ints; "
-                     f"received {argument}={value!r}.")
-
 
 class _OperatorGeometry:
     """Geometry arguments shared by the constraint and the regularizer."""
@@ -83,17 +59,16 @@ class _OperatorGeometry:
         if input_shape == [] or input_shape == ():
             self.input_shape = ()
         else:
-            self.input_shape = _normalize_shape_arg(input_shape, "input_shape")
-        self.strides = _normalize_shape_arg(strides, "strides")
-        self.dilation_rate = _normalize_shape_arg(dilation_rate, "dilation_rate")
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            raise ValueError(f"`groups` must be a positive int; received groups={groups!r}.")
+            self.input_shape = int_tuple(input_shape, None, "input_shape")
+        self.strides = int_tuple(strides, None, "strides")
+        self.dilation_rate = int_tuple(dilation_rate, None, "dilation_rate")
+        check_positive_int(groups, "groups")
         if layout == LAYOUT_DEPTHWISE and groups != 1:
             raise ValueError("With layout='depthwise' the groups are the input channels, "
                              f"read from the kernel; leave groups=1. Received groups={groups}.")
         self.groups = groups
         self.layout = layout
-        self.padding = _normalize_padding_arg(padding)
+        self.padding = padding_lib.normalize_padding(padding, None)
         if output_padding is not None:
             if layout != LAYOUT_CONV_TRANSPOSE:
                 raise ValueError("`output_padding` is an argument of transposed convolutions "

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from tfconvnorm import _compat
 from tfconvnorm import spectral
+from tfconvnorm.spectral.arguments import int_tuple
 
 # The kinds of operator a kernel variable can be.
 KIND_CONV = "conv"
@@ -286,16 +287,6 @@ def is_operator_layer(layer):
     return isinstance(layer, OPERATOR_LAYER_CLASSES)
 
 
-def _as_tuple(value, rank, argument):
-    if isinstance(value, int):
-        return (value,) * rank
-    value = tuple(value)
-    if len(value) != rank or not all(isinstance(v, int) or v is None for v in value):
-        raise ValueError(f"`{argument}` must be an int or {rank} ints; received "
-                         f"{argument}={value!r}.")
-    return value
-
-
 def _spatial_dims(layer, shape):
     """Spatial part of a full input shape (batch and channel axes dropped)."""
     shape = tuple(shape)
@@ -555,7 +546,7 @@ def layer_geometry(layer, input_shape=None, round_up=False, boundary=BOUNDARY_LA
     if isinstance(layer, _DENSE_CLASSES):
         return _unique_names(_operators_for(layer, ()))
     if input_shape is not None:
-        spatial = _as_tuple(input_shape, layer.rank, "input_shape")
+        spatial = int_tuple(input_shape, layer.rank, "input_shape", allow_none=True)
     else:
         spatial = _agreed_spatial(layer, _recorded_input_shapes(layer))
     if spatial is None or any(d is None for d in spatial):
@@ -730,7 +721,7 @@ def _model_layer_operators(layer, seen_shapes, layer_input_shapes, round_up, bou
             recorded = _agreed_spatial(layer, _recorded_input_shapes(layer))
             if recorded is not None and all(d is not None for d in recorded):
                 size = recorded
-    if size is None or any(d is None for d in _as_tuple(size, layer.rank, "input_shape")):
+    if size is None or any(d is None for d in int_tuple(size, layer.rank, "input_shape", allow_none=True)):
         raise _unknown_size_error(layer, size)
     return layer_geometry(layer, input_shape=size, round_up=round_up, boundary=boundary)
 

@@ -11,6 +11,8 @@ a padded convolution into a circular one.
 
 import numpy as np
 
+from tfconvnorm.spectral.arguments import int_tuple
+
 # The explicit matrix has (prod(input_shape) * c)^2 entries; refuse sizes that
 # would silently eat the machine.
 MAX_EXPLICIT_ENTRIES = 64_000_000
@@ -45,12 +47,6 @@ def published_clip(kernel, input_shape, max_norm):
     clipped = np.matmul(u, s_clipped[..., None] * vh)
     clipped_kernel = np.fft.ifft2(clipped, axes=[0, 1]).real
     return clipped_kernel[np.ix_(*[range(d) for d in kernel.shape[:2]])]
-
-
-def _as_tuple(value, rank):
-    if np.ndim(value) == 0:
-        return (int(value),) * rank
-    return tuple(int(v) for v in value)
 
 
 def _tap_matrix(kernel, input_shape, out_shape, strides, dilation_rate, groups, position):
@@ -99,9 +95,9 @@ def explicit_operator_matrix(kernel, input_shape, strides=1, dilation_rate=1,
     """
     kernel = np.asarray(kernel, dtype=np.float64)
     rank = kernel.ndim - 2
-    input_shape = _as_tuple(input_shape, rank)
-    strides = _as_tuple(strides, rank)
-    dilation_rate = _as_tuple(dilation_rate, rank)
+    input_shape = int_tuple(input_shape, rank, "input_shape")
+    strides = int_tuple(strides, rank, "strides")
+    dilation_rate = int_tuple(dilation_rate, rank, "dilation_rate")
     if len(input_shape) != rank:
         raise ValueError(f"input_shape={input_shape} does not match kernel rank {kernel.ndim}")
     c_in_group, c_out = kernel.shape[-2:]
@@ -120,8 +116,9 @@ def tensorflow_pads(kernel_size, input_shape, strides=1, dilation_rate=1, paddin
     and Keras pad: "same" (out = ceil(n / s), the odd pad after), "valid",
     "causal" ((k - 1) * d before), or explicit per-axis pairs."""
     rank = len(kernel_size)
-    input_shape = _as_tuple(input_shape, rank)
-    strides, dilation_rate = _as_tuple(strides, rank), _as_tuple(dilation_rate, rank)
+    input_shape = int_tuple(input_shape, rank, "input_shape")
+    strides = int_tuple(strides, rank, "strides")
+    dilation_rate = int_tuple(dilation_rate, rank, "dilation_rate")
     pads, out = [], []
     for axis, (k, n, s, d) in enumerate(zip(kernel_size, input_shape, strides, dilation_rate)):
         extent = (k - 1) * d + 1
@@ -152,8 +149,9 @@ def explicit_padded_operator_matrix(kernel, input_shape, strides=1, dilation_rat
     rank = kernel.ndim - 2
     if rank == 0:
         return explicit_operator_matrix(kernel, (), groups=groups)
-    input_shape = _as_tuple(input_shape, rank)
-    strides, dilation_rate = _as_tuple(strides, rank), _as_tuple(dilation_rate, rank)
+    input_shape = int_tuple(input_shape, rank, "input_shape")
+    strides = int_tuple(strides, rank, "strides")
+    dilation_rate = int_tuple(dilation_rate, rank, "dilation_rate")
     pads, out_shape = tensorflow_pads(kernel.shape[:rank], input_shape, strides, dilation_rate,
                                       padding)
     step, dilation = np.array(strides), np.array(dilation_rate)

@@ -21,6 +21,8 @@ import urllib.parse
 import numpy as np
 import tensorflow as tf
 
+from tfconvnorm.spectral.arguments import check_positive_int
+
 # Pixels added on each side before the random crop (32 -> 40 -> 32).
 CROP_PADDING = 4
 # The Model Garden shuffles CIFAR with a buffer as large as the training set.
@@ -276,8 +278,7 @@ def build_dataset(name, split, batch_size, is_training=None, data_dir=None, manu
       DataUnavailableError: see `load_split`.
     """
     info = dataset_info(name)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_positive_int(batch_size, "batch_size")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"`normalize` must be one of {NORMALIZATIONS}; received "
                          f"normalize={normalize!r}.")

@@ -23,6 +23,8 @@ build-independent name, so the variable structure (and therefore
 
 import keras
 
+from tfconvnorm.spectral.arguments import check_positive_int
+
 STAGE_FILTERS = (16, 32, 64)
 STAGE_STRIDES = (1, 2, 2)
 BOTTLENECK_EXPANSION = 4
@@ -94,8 +96,7 @@ def cifar_resnet_v2(depth, num_classes=10, input_shape=(32, 32, 3), weight_decay
         weight_decay.
     """
     block_type, blocks_per_stage = resnet_v2_block_config(depth, block_type)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    check_positive_int(num_classes, "num_classes")
     input_shape = tuple(input_shape)
     if len(input_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in input_shape):
         raise ValueError(f"input_shape must be (height, width, channels) of positive ints, "

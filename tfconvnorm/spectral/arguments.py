@@ -14,37 +14,49 @@ METHODS = ("alternating", "paper", "exact", "rescale")
 CORE_DTYPES = (tf.float32, tf.float64)
 
 
-def int_tuple(value, rank, name):
-    """An int or a sequence of `rank` positive ints, as a tuple."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        items = (int(value),) * rank
+def int_tuple(value, rank, name, allow_none=False):
+    """An int or a sequence of `rank` positive ints, as a tuple: the one parser of
+    per-axis arguments (sizes, strides, dilations).
+
+    rank=None: any number of entries, and an int stays an int (a constraint's
+    config, whose rank only the kernel fixes). allow_none: entries may be None
+    (a spatial size a Keras model leaves open).
+    """
+    scalar = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if scalar:
+        items = (int(value),) * (1 if rank is None else rank)
     else:
         try:
             items = tuple(value)
         except TypeError:
-            raise ValueError(f"{name} must be an int or a sequence of {rank} ints, "
+            what = f"a sequence of {rank} ints" if rank else "a tuple of ints"
+            raise ValueError(f"{name} must be an int or {what}, "
                              f"got {name}={value!r}") from None
-        if len(items) != rank:
+        if rank is not None and len(items) != rank:
             raise ValueError(f"{name} must have {rank} entries (one per spatial axis of "
                              f"the kernel), got {name}={value!r}")
         for item in items:
+            if item is None and allow_none:
+                continue
             if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
                 raise ValueError(f"{name} must hold ints, got {name}={value!r}")
-        items = tuple(int(v) for v in items)
+        items = tuple(item if item is None else int(item) for item in items)
     for item in items:
-        if item <= 0:
+        if item is not None and item <= 0:
             raise ValueError(f"{name} must be positive, got {name}={value!r}")
-    return items
+    return items[0] if scalar and rank is None else items
 
 
 def check_positive_int(value, argument, allow_none=False):
-    """`value` if it is a positive int (or None where allowed)."""
+    """`value` as a Python int if it is a positive int (NumPy ints too), or None
+    where allowed."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+            or value < 1):
         raise ValueError(f"`{argument}` must be a positive int{' or None' if allow_none else ''}; "
                          f"received {argument}={value!r}.")
-    return value
+    return int(value)
 
 
 def check_method(method, argument="method"):

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfconvnorm.spectral import padding as padding_lib
-from tfconvnorm.spectral.arguments import int_tuple
+from tfconvnorm.spectral.arguments import check_positive_int, int_tuple
 
 #: Largest (frequencies * phases * taps) for which the per-axis DFT factors
 #: are combined into one matrix (`_combined_factors`, 2 * 8 bytes per entry
@@ -56,9 +56,7 @@ class Geometry:
         self.layer_input_shape = int_tuple(input_shape, rank, "input_shape")
         self.strides = int_tuple(strides, rank, "strides")
         self.dilation_rate = int_tuple(dilation_rate, rank, "dilation_rate")
-        if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups <= 0:
-            raise ValueError(f"groups must be a positive int, got groups={groups!r}")
-        self.groups = int(groups)
+        self.groups = check_positive_int(groups, "groups")
         # A matrix (Dense) has no boundary: every padding is the same operator.
         self.padding = (padding_lib.normalize_padding(padding, rank) if rank
                         else padding_lib.CIRCULAR)

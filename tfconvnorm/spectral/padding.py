@@ -53,13 +53,15 @@ class CircularEmbedding(typing.NamedTuple):
 
 
 def normalize_padding(padding, rank):
-    """`padding` as a mode name or a tuple of `rank` (before, after) int pairs."""
+    """`padding` as a mode name or a tuple of `rank` (before, after) int pairs: the
+    one check of a padding argument. rank=None (a constraint's config, whose
+    rank only the kernel fixes): any number of pairs, 'causal' allowed."""
     if isinstance(padding, str):
         mode = padding.lower()
         if mode not in PADDING_MODES:
             raise ValueError(f"padding must be one of {PADDING_MODES} or per-axis "
                              f"(before, after) pairs, got padding={padding!r}")
-        if mode == "causal" and rank != 1:
+        if mode == "causal" and rank not in (1, None):
             raise ValueError(f"padding='causal' is for 1-D convolutions; this kernel has "
                              f"{rank} spatial axes")
         return mode
@@ -72,10 +74,11 @@ def normalize_padding(padding, rank):
         pairs = tuple(tuple(pair) for pair in items)
     except TypeError:
         pairs = ()
-    if len(pairs) != rank or any(
+    if (len(pairs) != rank if rank is not None else not pairs) or any(
             len(pair) != 2 or any(isinstance(p, bool) or not isinstance(p, (int, np.integer))
                                   or p < 0 for p in pair) for pair in pairs):
-        raise ValueError(f"explicit padding must give {rank} (before, after) pairs of "
+        count = rank if rank is not None else "per-axis"
+        raise ValueError(f"explicit padding must give {count} (before, after) pairs of "
                          f"non-negative ints, one per spatial axis, got padding={padding!r}")
     return tuple((int(b), int(a)) for b, a in pairs)
 

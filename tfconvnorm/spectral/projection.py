@@ -6,7 +6,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfconvnorm.spectral import padding as padding_lib
-from tfconvnorm.spectral.arguments import check_method, per_geometry_function
+from tfconvnorm.spectral.arguments import (check_method, check_positive, check_positive_int,
+                                         per_geometry_function)
 from tfconvnorm.spectral.linalg import clip_matrices, safe_scale
 from tfconvnorm.spectral.operator import Geometry, tiny, work_dtypes
 from tfconvnorm.spectral.pooling import (batch_arguments, clip_matrices_pooled, norms_of_stacks,
@@ -32,17 +33,17 @@ _INSIDE_RTOL = {tf.float32: 1e-6, tf.float64: 1e-12}
 
 
 def _check_max_norm(max_norm):
+    """`max_norm` checked as every argument is (`check_positive`); a tensor traced in a
+    graph is checked by assertions when the graph runs."""
     if tf.is_tensor(max_norm) and not tf.executing_eagerly():
-        message = f"max_norm must be a positive finite number, got max_norm={max_norm!r}"
+        message = f"`max_norm` must be a finite number > 0; received max_norm={max_norm!r}."
         value = tf.debugging.assert_all_finite(tf.cast(max_norm, tf.float64), message)
         with tf.control_dependencies([tf.debugging.assert_positive(value, message=message)]):
             return tf.identity(value)
-    value = np.asarray(max_norm.numpy() if tf.is_tensor(max_norm) else max_norm)
-    if value.ndim != 0 or not np.issubdtype(value.dtype, np.number) or np.iscomplexobj(value):
-        raise ValueError(f"max_norm must be a positive finite number, got max_norm={max_norm!r}")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"max_norm must be a positive finite number, got max_norm={max_norm!r}")
-    return float(value)
+    value = max_norm.numpy() if tf.is_tensor(max_norm) else max_norm
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    return check_positive(value, "max_norm")
 
 
 def clip_conv_singular_values(kernel, input_shape, max_norm, strides=1, dilation_rate=1,
@@ -141,9 +142,7 @@ def clip_conv_singular_values_many(kernels, geometries, max_norm, method=DEFAULT
     if iterations is None:
         iterations = (DEFAULT_EXACT_MAX_ITERATIONS if method == "exact"
                       else DEFAULT_ALTERNATING_ITERATIONS)
-    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) \
-            or iterations < 1:
-        raise ValueError(f"iterations must be a positive int, got iterations={iterations!r}")
+    iterations = check_positive_int(iterations, "iterations")
     count, stacks = plan(kernels, geometries)
     if method == "exact":
         for stack in stacks:
