@@ -564,7 +564,35 @@ def layer_geometry(layer, input_shape=None, round_up=False, boundary=BOUNDARY_LA
 functional_of = _compat.functional_of
 
 
-def _walk_graph(functional, inputs, seen_shapes):
+def walk_graph(functional, inputs, step):
+    """Visits every call of a functional graph in order, carrying one value per tensor.
+
+    The one walker of a Keras graph (input sizes here, Lipschitz bounds in
+    `lipschitz.py`). `inputs`: one value per input of `functional`.
+    `step(node, values, known)` gets a call's operation node, the values of its
+    input tensors and the map `known` (id of a tensor -> value, for
+    `node.arguments.fill_in`); it returns one value per output tensor, or None
+    to leave the outputs unknown (calls that read them are then skipped).
+    Nested models are the step's to walk (calling `walk_graph` again).
+    Returns the values of `functional`'s outputs (None where unknown).
+    """
+    known = {id(x): y for x, y in zip(functional.inputs, inputs)}
+    by_depth = _compat.nodes_by_depth(functional)
+    for depth in sorted(by_depth, reverse=True):
+        for node in by_depth[depth]:
+            if node.operation is None or node.is_input:
+                continue
+            if any(id(x) not in known for x in node.input_tensors):
+                continue
+            outputs = step(node, [known[id(x)] for x in node.input_tensors], known)
+            if outputs is None:
+                continue
+            for x, y in zip(node.outputs, outputs):
+                known[id(x)] = y
+    return [known.get(id(x)) for x in functional.outputs]
+
+
+def _record_input_shapes(functional, inputs, seen_shapes):
     """Propagates input specs through a functional graph, recording each call's input.
 
     Like Keras' own `Function._run_through_graph`, but it records the input
@@ -574,36 +602,28 @@ def _walk_graph(functional, inputs, seen_shapes):
     graph construction reuse the recorded outputs; only the others are
     recomputed with `compute_output_spec`.
     """
-    tensors = {id(x): y for x, y in zip(functional.inputs, _compat.tree_flatten(inputs))}
-    by_depth = _compat.nodes_by_depth(functional)
-    for depth in sorted(by_depth, reverse=True):
-        for node in by_depth[depth]:
-            op = node.operation
-            if op is None or node.is_input:
-                continue
-            if any(id(x) not in tensors for x in node.input_tensors):
-                continue
-            new_inputs = [tensors[id(x)] for x in node.input_tensors]
-            if new_inputs:
-                seen_shapes.setdefault(id(op), []).append(tuple(new_inputs[0].shape))
-            inner = functional_of(op)
-            if inner is not None:
-                args, _ = node.arguments.fill_in(tensors)
-                outputs = _walk_graph(inner, args[0] if args else new_inputs, seen_shapes)
-            elif all(tuple(a.shape) == tuple(b.shape)
-                     for a, b in zip(new_inputs, node.input_tensors)):
-                outputs = node.outputs
-            else:
-                args, kwargs = node.arguments.fill_in(tensors)
-                try:
-                    outputs = op.compute_output_spec(*args, **kwargs)
-                except Exception:  # pylint: disable=broad-except
-                    # Downstream calls are then skipped and fall back to the
-                    # shapes recorded at build time (or ask for them).
-                    continue
-            for x, y in zip(node.outputs, _compat.tree_flatten(outputs)):
-                tensors[id(x)] = y
-    return [tensors.get(id(x)) for x in functional.outputs]
+    def step(node, new_inputs, known):
+        op = node.operation
+        if new_inputs:
+            seen_shapes.setdefault(id(op), []).append(tuple(new_inputs[0].shape))
+        inner = functional_of(op)
+        if inner is not None:
+            args, _ = node.arguments.fill_in(known)
+            outputs = _record_input_shapes(inner, args[0] if args else new_inputs, seen_shapes)
+        elif all(tuple(a.shape) == tuple(b.shape)
+                 for a, b in zip(new_inputs, node.input_tensors)):
+            outputs = node.outputs
+        else:
+            args, kwargs = node.arguments.fill_in(known)
+            try:
+                outputs = op.compute_output_spec(*args, **kwargs)
+            except Exception:  # pylint: disable=broad-except
+                # Downstream calls are then skipped and fall back to the
+                # shapes recorded at build time (or ask for them).
+                return None
+        return _compat.tree_flatten(outputs)
+
+    return walk_graph(functional, _compat.tree_flatten(inputs), step)
 
 
 def _input_specs(functional, input_shape):
@@ -679,7 +699,7 @@ def model_geometry(model, layers=None, input_shape=None, layer_input_shapes=None
     seen_shapes = {}
     functional = functional_of(model)
     if functional is not None:
-        _walk_graph(functional, _input_specs(functional, input_shape), seen_shapes)
+        _record_input_shapes(functional, _input_specs(functional, input_shape), seen_shapes)
     elif input_shape is not None:
         # A subclassed model: symbolic tracing is not possible without data,
         # so the sizes come from the layers' own build shapes.

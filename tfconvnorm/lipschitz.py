@@ -395,7 +395,6 @@ def _propagate(state, functional, input_bounds, prefix):
     Every bound is deferred: a function of the linear layers' norms, which
     are computed afterwards in one pooled call (`state.requests`).
     """
-    bounds = {id(x): b for x, b in zip(functional.inputs, input_bounds)}
     producers = {}
     for nodes in _compat.nodes_by_depth(functional).values():
         for node in nodes:
@@ -413,23 +412,16 @@ def _propagate(state, functional, input_bounds, prefix):
                         and _foldable(source, op)):
                     folded[id(source)] = op
                     folded[id(node)] = source.operation
-    by_depth = _compat.nodes_by_depth(functional)
-    for depth in sorted(by_depth, reverse=True):
-        for node in by_depth[depth]:
-            op = node.operation
-            if op is None or node.is_input:
-                continue
-            inputs = [bounds[id(x)] for x in node.input_tensors]
-            name = f"{prefix}{op.name}"
-            inner = geometry_lib.functional_of(op)
-            if inner is not None:
-                outputs = _propagate(state, inner, inputs, f"{name}/")
-            else:
-                outputs = [_node_bound(state, node, op, inputs, name, folded)]
-                outputs = outputs * len(node.outputs)
-            for tensor, bound in zip(node.outputs, outputs):
-                bounds[id(tensor)] = bound
-    return [bounds[id(x)] for x in functional.outputs]
+
+    def step(node, inputs, _):
+        op = node.operation
+        name = f"{prefix}{op.name}"
+        inner = geometry_lib.functional_of(op)
+        if inner is not None:
+            return _propagate(state, inner, inputs, f"{name}/")
+        return [_node_bound(state, node, op, inputs, name, folded)] * len(node.outputs)
+
+    return geometry_lib.walk_graph(functional, input_bounds, step)
 
 
 def _node_bound(state, node, op, inputs, name, folded):
