@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfconvnorm
-from tfconvnorm import callbacks as callbacks_lib
+from tfconvnorm import layer_norms
 from tfconvnorm import constraints as constraints_lib
 from tfconvnorm import geometry
 from benchmarks.workloads import resnet32_model
@@ -119,7 +119,7 @@ def clip_paths(repeats=5):
     (trace and compile) reported apart."""
     model = resnet32_model(0)
     operators = geometry.model_geometry(model, kinds=tfconvnorm.CONV_KINDS)
-    eigh = callbacks_lib.make_projection_fn(operators, 1.0, "paper", compute_norms=False)
+    eigh = layer_norms.make_projection_fn(operators, 1.0, "paper", compute_norms=False)
     constraints = [constraints_lib.constraint_for(op, 1.0, "paper") for op in operators]
 
     @tf.function(jit_compile=True)

@@ -768,7 +768,7 @@ def spectra(config):
 
 def clip(config):
     import keras  # pylint: disable=g-import-not-at-top
-    from tfconvnorm import callbacks  # pylint: disable=g-import-not-at-top
+    from tfconvnorm import layer_norms  # pylint: disable=g-import-not-at-top
     model = (config.train_model or (lambda: resnet32_model(config.seed)))()
     # The published operator, as the published clip it is compared with.
     operators = geometry_lib.model_geometry(model, kinds=geometry_lib.CONV_KINDS,
@@ -782,7 +782,7 @@ def clip(config):
 
     def clipper_call(method, compute_norms):
         # The OperatorNormClipper's compiled projection (all kernels, one call, assigned).
-        project = callbacks.make_projection_fn(operators, CLIP_MAX_NORM, method=method,
+        project = layer_norms.make_projection_fn(operators, CLIP_MAX_NORM, method=method,
                                                compute_norms=compute_norms)
 
         def call():
@@ -810,7 +810,7 @@ def clip(config):
     step_name = f"training step (batch {TRAIN_BATCH_SIZE})"
     methods = [
         Method(REF_NAME, clipper_call("paper", False), compiled=True, setup=restore,
-               note="callbacks.make_projection_fn(method='paper', compute_norms=False): the "
+               note="layer_norms.make_projection_fn(method='paper', compute_norms=False): the "
                     "published single clip, all convs in one tf.function, assigned"),
         Method(default_name, clipper_call("paper", True), compiled=True, setup=restore,
                note="OperatorNormClipper's defaults: also the norm of every kernel before "

@@ -132,3 +132,15 @@ def figure_to_png(fig, dpi=DEFAULT_DPI):
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     return buffer.getvalue()
+
+
+def spectra_figure_png(names, spectra, title, dpi=80):
+    """PNG bytes of all sorted spectra on log-log axes (the spectrum logger's image;
+    small, TensorBoard shows it small anyway); None without matplotlib."""
+    try:
+        import matplotlib  # pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+        return None
+    figure = plot_spectra(dict(zip(names, spectra)), log_x=True, log_y=True,
+                                   title=title)
+    return figure_to_png(figure, dpi=dpi)

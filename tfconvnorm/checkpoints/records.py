@@ -6,6 +6,7 @@ import typing
 import numpy as np
 
 from tfconvnorm import geometry as geometry_lib
+from tfconvnorm import layer_norms
 
 
 class CheckpointError(ValueError):
@@ -60,12 +61,10 @@ class Checkpoint:
 
 def records_from_operators(operators, values):
     """`LayerRecord`s from `LayerOperator`s and kernel values keyed by variable path."""
-    records = []
-    for op in operators:
-        value = values[op.variable.path]
-        kernel = np.asarray(op.to_spectral(np.asarray(value)))
-        records.append(LayerRecord(op.name, kernel, op.geometry))
-    return records
+    kernels = layer_norms.spectral_kernels(
+        operators, [np.asarray(values[op.variable.path]) for op in operators])
+    return [LayerRecord(op.name, np.asarray(kernel), op.geometry)
+            for op, kernel in zip(operators, kernels)]
 
 
 def model_operators(model):

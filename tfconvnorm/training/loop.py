@@ -27,8 +27,8 @@ from tfconvnorm import _compat
 from tfconvnorm import callbacks as tfcn_callbacks
 from tfconvnorm import files
 from tfconvnorm import geometry as tfcn_geometry
+from tfconvnorm import layer_norms
 from tfconvnorm import lipschitz as tfcn_lipschitz
-from tfconvnorm import spectral as tfcn_spectral
 from tfconvnorm.batch_norm import PreciseBatchNorm, recalibrate_batch_norm
 from tfconvnorm.callbacks import optimizer_step
 from tfconvnorm.models import cifar_input
@@ -248,12 +248,8 @@ def operator_norms(model):
     """{kernel path: (kind, lower, upper)}: a certified interval for the norm of
     every operator layer as the model computes it (its own zero padding)."""
     operators = tfcn_geometry.model_geometry(model)
-    kernels = [op.to_spectral(tf.convert_to_tensor(keras.ops.convert_to_numpy(op.variable.value)))
-               for op in operators]
-    bounds = tfcn_spectral.conv_operator_norm_bounds_many(
-        kernels, [op.geometry for op in operators])
-    return {op.name: (op.geometry.kind, float(b.lower), float(b.upper))
-            for op, b in zip(operators, bounds)}
+    return {op.name: (op.geometry.kind, lower, upper)
+            for op, (lower, upper) in zip(operators, layer_norms.norm_intervals(operators))}
 
 
 def _build_before_fit(model, dataset):
