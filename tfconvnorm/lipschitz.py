@@ -424,70 +424,109 @@ def _propagate(state, functional, input_bounds, prefix):
     return geometry_lib.walk_graph(functional, input_bounds, step)
 
 
-def _node_bound(state, node, op, inputs, name, folded):
+def _is_tf_op(op, names):
+    """A call of a raw TensorFlow / keras.ops function (not a Layer) named in `names`."""
+    return type(op).__name__ in names and not isinstance(op, keras.layers.Layer)
+
+
+def _linear_rule(state, node, op, name, folded):
+    bn = folded.get(id(node))
+    keys, reason = state.linear_factor(op, bn)
+    activation, act_reason = 1.0, ""
+    if getattr(op, "activation", None) is not None:
+        activation, act_reason = _activation_constant(op.activation, f"layer '{name}'")
+        if activation != 1.0 or act_reason != "linear activation":
+            reason += f", then {act_reason} ({activation:g})"
+    return _SCALE, lambda norms: math.prod(norms[k] for k in keys) * activation, reason
+
+
+def _merge_rule(combine, reason):
+    return lambda state, node, op, name, folded: (combine, None, reason)
+
+
+def _scale_rule(reason):
+    return lambda state, node, op, name, folded: (_SCALE, 1.0, reason)
+
+
+# How a call's bound follows from its inputs' bounds v and its factor f.
+_SCALE = "scale"
+_COMBINE = {
+    _SCALE: lambda f, v: f * v[0],
+    "sum": lambda f, v: sum(v),
+    "mean": lambda f, v: sum(v) / len(v),
+    "norm": lambda f, v: math.sqrt(sum(x * x for x in v)),
+    "scaled_norm": lambda f, v: f * math.sqrt(sum(x * x for x in v)),
+}
+
+#: (applies(op, node, folded), rule(state, node, op, name, folded) -> (combine,
+#: factor, reason)): the first entry that applies gives a call's rule; layers
+#: none of them names go to `_single_input_factor` (activations, pooling,
+#: reshapes, ...), and a layer with no rule at all is refused by name.
+_NODE_RULES = (
+    (lambda op, node, folded: isinstance(op, geometry_lib.OPERATOR_LAYER_CLASSES),
+     _linear_rule),
+    (lambda op, node, folded: (isinstance(op, keras.layers.BatchNormalization)
+                               and id(node) in folded),
+     lambda state, node, op, name, folded: (
+         _SCALE, 1.0, f"folded into '{folded[id(node)].name}'")),
+    (lambda op, node, folded: isinstance(op, _SUM_MERGES) or _is_tf_op(op, _OP_SUMS),
+     _merge_rule("sum", "sum of the inputs' bounds")),
+    (lambda op, node, folded: isinstance(op, keras.layers.Average),
+     _merge_rule("mean", "mean of the inputs' bounds")),
+    (lambda op, node, folded: isinstance(op, keras.layers.Concatenate),
+     _merge_rule("norm", "sqrt of the sum of squares (concatenation)")),
+    (lambda op, node, folded: isinstance(op, _SQUARE_MERGES),
+     _merge_rule("norm", "elementwise max/min: 1-Lipschitz in each input, sqrt of the sum "
+                         "of squares")),
+    (lambda op, node, folded: _is_tf_op(op, _OP_IDENTITIES),
+     _scale_rule("a permutation of the entries")),
+    (lambda op, node, folded: _is_tf_op(op, _OP_RESTRICTIONS),
+     _scale_rule("a restriction to some entries")),
+)
+
+
+def _node_rule(state, node, op, name, folded):
+    """`(combine, factor, reason)` of a call: from `layer_bounds`, `_NODE_RULES` or
+    `_single_input_factor`; raises `_Unsupported` naming a layer without one."""
     class_name = type(op).__name__
-    shape = tuple(node.input_tensors[0].shape) if node.input_tensors else ()
     user = state.layer_bounds.get(op.name)
-    record = len(state.records)
-    state.records.append(None)
-
-    def keep(factor, reason, combine):
-        def evaluate(norms):
-            values = [b(norms) for b in inputs]
-            f = factor(norms) if callable(factor) else factor
-            out = combine(f, values)
-            state.records[record] = LayerFactor(name, class_name,
-                                                None if f is None else float(f), float(out),
-                                                reason)
-            return out
-        return _memo(evaluate)
-
-    def scaled(factor, reason):
-        if len(inputs) != 1:
-            raise _Unsupported(f"layer '{name}' ({class_name}) has {len(inputs)} inputs")
-        return keep(factor, reason, lambda f, v: f * v[0])
-
     if user is not None:
         value = float(user)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"layer_bounds[{op.name!r}] must be a finite number >= 0; "
                              f"received {user!r}.")
-        return keep(value, "given in layer_bounds",
-                    lambda f, v: f * math.sqrt(sum(x * x for x in v)))
-    if isinstance(op, geometry_lib.OPERATOR_LAYER_CLASSES):
-        bn = folded.get(id(node))
-        keys, reason = state.linear_factor(op, bn)
-        activation, act_reason = 1.0, ""
-        if getattr(op, "activation", None) is not None:
-            activation, act_reason = _activation_constant(op.activation, f"layer '{name}'")
-            if activation != 1.0 or act_reason != "linear activation":
-                reason += f", then {act_reason} ({activation:g})"
-        return scaled(lambda norms: math.prod(norms[k] for k in keys) * activation, reason)
-    if isinstance(op, keras.layers.BatchNormalization) and id(node) in folded:
-        return scaled(1.0, f"folded into '{folded[id(node)].name}'")
-    if isinstance(op, _SUM_MERGES) or (class_name in _OP_SUMS and not isinstance(
-            op, keras.layers.Layer)):
-        return keep(None, "sum of the inputs' bounds", lambda f, v: sum(v))
-    if isinstance(op, keras.layers.Average):
-        return keep(None, "mean of the inputs' bounds", lambda f, v: sum(v) / len(v))
-    if isinstance(op, _SQUARE_MERGES):
-        rule = ("sqrt of the sum of squares (concatenation)" if isinstance(
-            op, keras.layers.Concatenate) else "elementwise max/min: 1-Lipschitz in each "
-            "input, sqrt of the sum of squares")
-        return keep(None, rule, lambda f, v: math.sqrt(sum(x * x for x in v)))
-    if class_name in _OP_IDENTITIES and not isinstance(op, keras.layers.Layer):
-        return scaled(1.0, "a permutation of the entries")
-    if class_name in _OP_RESTRICTIONS and not isinstance(op, keras.layers.Layer):
-        return scaled(1.0, "a restriction to some entries")
+        return "scaled_norm", value, "given in layer_bounds"
+    for applies, rule in _NODE_RULES:
+        if applies(op, node, folded):
+            return rule(state, node, op, name, folded)
+    shape = tuple(node.input_tensors[0].shape) if node.input_tensors else ()
     found = _single_input_factor(op, shape) if isinstance(op, keras.layers.Layer) else None
     if found is not None:
-        if len(inputs) != 1:
-            raise _Unsupported(f"layer '{name}' ({class_name}) has {len(inputs)} inputs")
-        return scaled(*found)
+        return (_SCALE,) + tuple(found)
     raise _Unsupported(
         f"layer '{name}' ({class_name}) has no certified Lipschitz rule"
         + (" (a product of two tensors is not Lipschitz)"
            if isinstance(op, keras.layers.Multiply) or class_name == "Multiply" else ""))
+
+
+def _node_bound(state, node, op, inputs, name, folded):
+    """The deferred bound of a call's output: its rule applied to its inputs' bounds."""
+    combine, factor, reason = _node_rule(state, node, op, name, folded)
+    if combine == _SCALE and len(inputs) != 1:
+        raise _Unsupported(f"layer '{name}' ({type(op).__name__}) has {len(inputs)} inputs")
+    record = len(state.records)
+    state.records.append(None)
+
+    def evaluate(norms):
+        values = [b(norms) for b in inputs]
+        f = factor(norms) if callable(factor) else factor
+        out = _COMBINE[combine](f, values)
+        state.records[record] = LayerFactor(name, type(op).__name__,
+                                            None if f is None else float(f), float(out),
+                                            reason)
+        return out
+
+    return _memo(evaluate)
 
 
 def _memo(evaluate):
