@@ -48,12 +48,13 @@ def test_bound_is_never_below_the_exact_norm_and_is_tight(shape, size, strides, 
                                                           groups, padding, dtype, rng):
     args = dict(input_shape=size, strides=strides, dilation_rate=dilation, groups=groups,
                 padding=padding)
+    # One XLA compilation for both kernels (same shape and dtype).
+    compiled = tf.function(lambda k: tfconvnorm.conv_operator_norm_upper_bound(k, **args),
+                           jit_compile=True)
     for kernel in (rng.standard_normal(shape),
                    # every frequency with the same top: the worst case for selection
                    np.ones(shape) + 1e-3 * rng.standard_normal(shape)):
         exact = float(tfconvnorm.conv_operator_norm(tf.constant(kernel), **args))
-        compiled = tf.function(lambda k: tfconvnorm.conv_operator_norm_upper_bound(k, **args),
-                               jit_compile=True)
         bound = float(compiled(tf.constant(kernel.astype(dtype))))
         # As computed, in the user's dtype, against the float64 exact norm.
         assert exact <= bound <= exact * 1.01, (exact, bound)
