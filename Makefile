@@ -10,7 +10,7 @@ DEMO_DIR ?= demo_output
 OLDEST_VENV ?= .venv-oldest
 OLDEST_PINS := tensorflow-cpu==2.16.2 keras==3.0.5
 
-.PHONY: demo test test-fast test-oldest bench clean venv
+.PHONY: demo test test-slow test-all test-oldest bench clean venv
 
 # Keras' JAX and PyTorch backends, for tests/test_backends.py: PyTorch pinned to
 # a CPU build (a bare `torch` pulls a multi-GB CUDA one).
@@ -29,12 +29,21 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) demo.py --output_dir=$(DEMO_DIR)
 
+# The suite without the tests marked slow (about 5 minutes on 2 cores): every
+# numerical oracle, every public function, one end-to-end run of each tool.
+# worksteal: idle workers take queued tests, so one long test does not hold up
+# the end of the run.
 test: $(VENV)/.installed
-	$(PY) -m pytest -n $(TEST_WORKERS) tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow" tests
 
-# Skips the tests marked slow.
-test-fast: $(VENV)/.installed
-	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow" tests
+# The tests marked slow: the other Keras backends, multi-worker and mirrored
+# training, pip install, the demo, more training runs (CI runs both tiers).
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m slow tests
+
+# Both tiers in one run.
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal tests
 
 # The smoke set (tests/test_smoke.py) on the oldest supported TensorFlow + Keras.
 $(OLDEST_VENV)/.installed: setup.py Makefile

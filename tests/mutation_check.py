@@ -22,9 +22,23 @@ sys.path.insert(0, HERE)
 import mutants  # pylint: disable=wrong-import-position
 
 
+# The files with the numerical oracles first: pytest (and xdist's scheduler)
+# keep this order, so a mutant is caught within the first minute and -x stops
+# there, instead of after whichever end-to-end test happened to come first.
+FIRST = ("test_spectral.py", "test_padding.py", "test_layer_bounds.py", "test_matmul_path.py",
+         "test_constraints.py", "test_projection_quality.py", "test_lipschitz.py",
+         "test_callbacks.py", "test_robustness.py", "test_geometry.py")
+
+
+def ordered_test_files():
+    rest = sorted(f for f in os.listdir(HERE)
+                  if f.startswith("test_") and f.endswith(".py") and f not in FIRST)
+    return [os.path.join(HERE, f) for f in FIRST + tuple(rest)]
+
+
 def run(name, slow=False, workers=2):
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-               "-n", str(workers), HERE]
+               "-n", str(workers)] + ordered_test_files()
     if not slow:
         command += ["-m", "not slow"]
     env = dict(os.environ, TFCONVNORM_MUTANT=name)

@@ -352,6 +352,7 @@ def test_slim_resnet_v2_50(slim_checkpoint, tmp_path):
                    tensors["resnet_v2_50/logits/weights"][0, 0], ())
 
 
+@pytest.mark.slow
 def test_slim_wrong_architecture_names_variable(slim_checkpoint, tmp_path):
     prefix, _ = slim_checkpoint
     with pytest.raises(checkpoints.CheckpointError,
@@ -402,7 +403,7 @@ def write_keras2_h5(path, model):
                 group.create_dataset(name, data=variable.numpy())
 
 
-@pytest.mark.parametrize("kind", ["keras3", "keras2"])
+@pytest.mark.parametrize("kind", ["keras3", pytest.param("keras2", marks=pytest.mark.slow)])
 def test_keras_applications_h5(applications_model, tmp_path, kind):
     if kind == "keras3":
         path = str(tmp_path / "resnet50v2.weights.h5")

@@ -67,6 +67,7 @@ def test_train_runs_under_backend(backend, tmp_path):
         assert len(read.records) == len(geometry.model_geometry(read.model)) > 0
 
 
+@pytest.mark.slow
 def test_jax_data_parallel_over_two_host_devices(tmp_path):
     _run("jax", "data_parallel", tmp_path,
          env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})

@@ -218,6 +218,7 @@ def _tiny_config():
         largest_sv_layers=(("3x3 conv, 4 channels", 3, 6, 4),))
 
 
+@pytest.mark.slow
 def test_run_main_smoke(tmp_path):
     json_path = tmp_path / "out" / "results.json"
     figure = tmp_path / "figure1.png"

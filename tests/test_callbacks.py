@@ -65,7 +65,8 @@ def _clip(op, kernel, max_norm, method):
 _norm = oracles.true_norm
 
 
-@pytest.mark.parametrize("method", ["alternating", "paper", "exact"])
+@pytest.mark.parametrize("method", ["alternating", "paper",
+                                    pytest.param("exact", marks=pytest.mark.slow)])
 def test_clipper_projects_at_steps_3_6_9_and_not_between(method, rng):
     model = _model()
     before, after = _KernelRecorder(), _KernelRecorder()

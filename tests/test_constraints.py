@@ -382,6 +382,7 @@ def test_regularizer_in_a_model_adds_its_loss():
     assert _norm(op) <= upper * (1 + 1e-6)
 
 
+@pytest.mark.slow
 def test_mixed_float16_training_keeps_float32_kernels_bounded(rng):
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:

@@ -63,6 +63,7 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_constraint_and_clipper(tmp_path):
     script = tmp_path / "distributed_run.py"
     script.write_text(_SCRIPT)

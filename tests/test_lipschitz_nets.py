@@ -25,12 +25,12 @@ def _fit_hard(model, rng, steps=3):
      "rescale"),
     (lambda **kw: models.lipschitz_convnet((9, 9, 2), 3, widths=(4,), **kw), "maxmin", 2.5,
      "alternating"),
-    (lambda **kw: models.lipschitz_resnet((8, 8, 3), 10, 8, width=4, **kw), "relu", 1.0,
-     "rescale"),
+    pytest.param(lambda **kw: models.lipschitz_resnet((8, 8, 3), 10, 8, width=4, **kw), "relu",
+                 1.0, "rescale", marks=pytest.mark.slow),
     # ("exact" keeps the bound the same way, by the final certified rescale, but
     # its Dykstra loop runs up to 500 clips per kernel and step: too slow here.)
-    (lambda **kw: models.lipschitz_resnet((7, 7, 1), 4, 8, width=4, **kw), "maxmin", 0.5,
-     "rescale"),
+    pytest.param(lambda **kw: models.lipschitz_resnet((7, 7, 1), 4, 8, width=4, **kw),
+                 "maxmin", 0.5, "rescale", marks=pytest.mark.slow),
 ])
 def test_the_certificate_holds_before_and_after_training(build, activation, lipschitz, method,
                                                          rng):

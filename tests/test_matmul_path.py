@@ -121,7 +121,8 @@ def _every_kind_model():
 
 @pytest.mark.parametrize("jit_compile,method", [
     # "exact" under XLA: test_projections_under_xla_hold_the_bound_and_follow_the_eigh_path.
-    (True, "rescale"), (False, "rescale"), (True, "alternating")])
+    (True, "rescale"), (False, "rescale"),
+    pytest.param(True, "alternating", marks=pytest.mark.slow)])
 def test_constrain_then_compile_with_and_without_xla_keeps_every_real_layer_bounded(
         jit_compile, method, rng):
     model = _every_kind_model()
@@ -175,7 +176,8 @@ def test_keras_file_written_by_the_eigh_path_loads_and_constrains(rng):
         assert oracles.true_norm(op) <= 0.5 * (1 + 1e-4), op.name
 
 
-@pytest.mark.parametrize("method", ["paper", "alternating", "exact", "rescale"])
+@pytest.mark.parametrize("method", ["paper", "alternating", pytest.param("exact", marks=pytest.mark.slow),
+                                    "rescale"])
 def test_clipper_every_method_with_an_xla_compiled_model(method, rng):
     # The clipper projects outside the train step (its own non-XLA function), so
     # an XLA-compiled model and a constrained one coexist with it.

@@ -99,6 +99,7 @@ def _tool(name, *args, cwd):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_tools_help_lists_their_own_flags_and_starts_quietly(tmp_path):
     train = _tool("tfconvnorm-train", "--help", cwd=tmp_path)
     assert "--clip_to" in train.stdout and "Operator-norm bound for every conv" in train.stdout
@@ -115,6 +116,7 @@ def test_tools_help_lists_their_own_flags_and_starts_quietly(tmp_path):
         assert "oneDNN" not in done.stderr and "InitializeLog" not in done.stderr, done.stderr
 
 
+@pytest.mark.slow
 def test_analyze_tool_on_a_keras_file_and_train_script_short_run(tmp_path):
     from absl import flags  # pylint: disable=import-outside-toplevel
     from tfconvnorm.cli import analyze  # pylint: disable=import-outside-toplevel

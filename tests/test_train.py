@@ -178,6 +178,7 @@ def test_recalibrate_batch_norm_averages_batch_statistics():
     np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(axis=1).mean(axis=0), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_on_tfds_copy_with_clipping(tiny_cifar10, tmp_path):
     """A tiny run through the real TFDS loading code: paper clipping, guaranteed final projection."""
     model_dir = str(tmp_path / "run")
@@ -262,6 +263,7 @@ def test_train_on_tfds_copy_with_clipping(tiny_cifar10, tmp_path):
     assert train.train_and_evaluate(gone, model_dir) == results
 
 
+@pytest.mark.slow
 def test_baseline_max_steps_mirrored_mixed_precision(tiny_cifar10, tmp_path):
     """No clipping; stops at max_steps; runs under a strategy and mixed precision."""
     config = train.TrainConfig(dataset="cifar10", data_dir=tiny_cifar10, download=False, depth=8,
@@ -298,8 +300,8 @@ def _tiny_digits(tmp_path, name, **overrides):
 
 # "exact" (Dykstra, 45-95 s per run here, as the clip or the final method) is the
 # clipper's own test (test_callbacks, every method): the flags only pass it on.
-@pytest.mark.parametrize("clip_method,final_clip_method", [("alternating", "rescale"),
-                                                           ("rescale", "rescale")])
+@pytest.mark.parametrize("clip_method,final_clip_method", [
+    pytest.param("alternating", "rescale", marks=pytest.mark.slow), ("rescale", "rescale")])
 def test_each_clip_method_bounds_the_trained_layers(tmp_path, clip_method, final_clip_method):
     """The non-default --clip_method values during training and non-default
     --final_clip_method values (each guarantees the bound) at the end: the run
@@ -338,6 +340,7 @@ for name, seed in (("a", 0), ("b", 0), ("c", 1)):
 """
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_run(tmp_path):
     """--seed with --deterministic fixes initialisation, data order, augmentation
     and kernel arithmetic: two runs with seed 0 end with identical weights, a run
@@ -425,6 +428,7 @@ def test_demo_trains_analyses_and_says_where(tmp_path, capsys):
     assert f"tensorboard --logdir {os.path.join(model_dir, train.LOG_DIR)}" in printed
 
 
+@pytest.mark.slow
 def test_lipschitz_mode_certifies_and_logs_certified_accuracy(tmp_path):
     config = train.TrainConfig(dataset="digits", depth=8, epochs=2, batch_size=32,
                                train_examples=96, lipschitz=4.0, certified_eps=(0.1, 0.5),
