@@ -403,7 +403,8 @@ def write_keras2_h5(path, model):
                 group.create_dataset(name, data=variable.numpy())
 
 
-@pytest.mark.parametrize("kind", ["keras3", pytest.param("keras2", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["keras3", "keras2"])
 def test_keras_applications_h5(applications_model, tmp_path, kind):
     if kind == "keras3":
         path = str(tmp_path / "resnet50v2.weights.h5")
