@@ -112,6 +112,26 @@ MUTANTS = {
 }
 
 
+#: Where each mutant is expected to be caught: tests/mutation_check.py runs that
+#: file first (one short pytest run) and the rest of the suite only if it did not
+#: fail, so the check takes minutes, not a suite run per mutant. A wrong guess
+#: costs time, never a verdict.
+SUSPECTS = {
+    "default_projection_is_rescale": "test_projection_quality.py",
+    "paper_is_rescale": "test_spectral.py",
+    "exact_is_alternating": "test_spectral.py",
+    "alternating_is_paper": "test_padding.py",
+    "norms_1pct_low": "test_spectral.py",
+    "spectra_1pct_low": "test_spectral.py",
+    "padding_ignored": "test_padding.py",
+    "bound_shrunk_0.1pct": "test_padding.py",
+    "lower_bounds_10pct_low": "test_layer_bounds.py",
+    "gelu_constant_1": "test_lipschitz.py",
+    "max_pool_overlap_ignored": "test_lipschitz.py",
+    "matmul_bound_1pct_low": "test_matmul_path.py",
+}
+
+
 def apply(name):
     if name not in MUTANTS:
         raise ValueError(f"TFCONVNORM_MUTANT must be one of {sorted(MUTANTS)}, got {name!r}")

@@ -5,7 +5,8 @@ r"""Runs the suite against each mutant of `tests/mutants.py`; every one must be 
     python tests/mutation_check.py --slow          # include the slow tests
 
 Per mutant: `pytest -x` with TFCONVNORM_MUTANT set, stopping at the first
-failure; prints which test caught it (or SURVIVED). Exit status 1 if any
+failure, on the numerical test files first and then, if none failed, on the
+rest; prints which test caught it (or SURVIVED). Exit status 1 if any
 mutant survives. A survivor costs a whole suite run (minutes); a caught one
 seconds to a minute.
 """
@@ -22,29 +23,37 @@ sys.path.insert(0, HERE)
 import mutants  # pylint: disable=wrong-import-position
 
 
-# The files with the numerical oracles first: pytest (and xdist's scheduler)
-# keep this order, so a mutant is caught within the first minute and -x stops
-# there, instead of after whichever end-to-end test happened to come first.
-FIRST = ("test_spectral.py", "test_padding.py", "test_layer_bounds.py", "test_matmul_path.py",
-         "test_constraints.py", "test_projection_quality.py", "test_lipschitz.py",
-         "test_callbacks.py", "test_robustness.py", "test_geometry.py")
+# The files with the numerical oracles run first, as a stage of their own: most
+# mutants are caught there within a minute and -x stops, instead of after
+# whichever end-to-end test happened to come first.
+FIRST = ("test_spectral.py", "test_projection_quality.py", "test_padding.py",
+         "test_layer_bounds.py", "test_matmul_path.py", "test_constraints.py",
+         "test_lipschitz.py", "test_callbacks.py", "test_robustness.py", "test_geometry.py")
 
 
-def ordered_test_files():
-    rest = sorted(f for f in os.listdir(HERE)
-                  if f.startswith("test_") and f.endswith(".py") and f not in FIRST)
-    return [os.path.join(HERE, f) for f in FIRST + tuple(rest)]
+def test_file_stages(name):
+    """The mutant's suspect file (`mutants.SUSPECTS`), the other FIRST files, then
+    the rest: a mutant caught early never collects the later files."""
+    suspect = mutants.SUSPECTS.get(name)
+    first = [f for f in FIRST if f != suspect]
+    rest = sorted(f for f in os.listdir(HERE) if f.startswith("test_") and f.endswith(".py")
+                  and f not in FIRST and f != suspect)
+    stages = ([suspect] if suspect else []), first, rest
+    return [[os.path.join(HERE, f) for f in stage] for stage in stages if stage]
 
 
 def run(name, slow=False, workers=2):
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-               "-n", str(workers)] + ordered_test_files()
-    if not slow:
-        command += ["-m", "not slow"]
     env = dict(os.environ, TFCONVNORM_MUTANT=name)
     started = time.time()
-    done = subprocess.run(command, env=env, capture_output=True, text=True,
-                          cwd=os.path.dirname(HERE))
+    for files in test_file_stages(name):
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                   "-n", str(workers), "--dist", "worksteal"] + files
+        if not slow:
+            command += ["-m", "not slow"]
+        done = subprocess.run(command, env=env, capture_output=True, text=True,
+                              cwd=os.path.dirname(HERE))
+        if done.returncode != 0:
+            break
     failed = re.findall(r"^FAILED (\S+)", done.stdout, re.MULTILINE)
     return done.returncode, failed, time.time() - started, done.stdout[-2000:]
 
