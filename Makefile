@@ -30,7 +30,7 @@ demo: $(VENV)/.installed
 	$(PY) demo.py --output_dir=$(DEMO_DIR)
 
 # The suite without the tests marked slow (about 5 minutes on 2 cores): every
-# numerical oracle, every public function, one end-to-end run of each tool.
+# numerical oracle, every public function, a training run and the analyser end to end.
 # worksteal: idle workers take queued tests, so one long test does not hold up
 # the end of the run.
 test: $(VENV)/.installed

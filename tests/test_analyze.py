@@ -213,6 +213,7 @@ def train_dir(tmp_path_factory):
     return model_dir
 
 
+@pytest.mark.slow
 def test_tf2_checkpoint_from_train(train_dir, tmp_path):
     result = analyze.analyse(train_dir, str(tmp_path), verbose=False)
     assert result["format"] == "tf2" and "depth 8" in result["architecture"]
@@ -238,6 +239,7 @@ def test_tf2_checkpoint_from_train(train_dir, tmp_path):
     check_spectrum(spectra["logits/kernel"], weights["logits/kernel"], ())
 
 
+@pytest.mark.slow
 def test_tf2_wrong_depth_names_file_and_variable(train_dir, tmp_path):
     prefix = tf.train.latest_checkpoint(os.path.join(train_dir, "checkpoints"))
     with pytest.raises(checkpoints.CheckpointError, match="does not match") as info:
@@ -336,6 +338,7 @@ SLIM_CHECKS = {
 }
 
 
+@pytest.mark.slow
 def test_slim_resnet_v2_50(slim_checkpoint, tmp_path):
     prefix, tensors = slim_checkpoint
     layers = "|".join(f"^{name}$" for name in SLIM_CHECKS) + "|logits"

@@ -126,6 +126,7 @@ def test_clipper_is_one_compiled_call_traced_once_per_model(rng):
     assert all(after <= 0.5 * (1 + 1e-4) for _, after in norms.values())
 
 
+@pytest.mark.slow
 def test_clipper_logs_norms_before_and_after(caplog, rng):
     from absl import logging  # pylint: disable=import-outside-toplevel
     verbosity = logging.get_verbosity()

@@ -205,6 +205,7 @@ def test_exact_satisfies_the_optimality_condition(name, rng):
         assert np.linalg.norm(kernel - projected) <= np.linalg.norm(kernel - other) * (1 + 1e-6)
 
 
+@pytest.mark.slow
 def test_exact_matches_a_generic_constrained_solver():
     """SLSQP on the 6 kernel entries, with every singular value of the explicit
     matrix <= max_norm as smooth constraints, from a feasible start. It stops

@@ -65,6 +65,7 @@ def test_constraint_in_fit_bounds_every_layer_and_survives_a_keras_round_trip(rn
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
+@pytest.mark.slow
 def test_clipper_and_spectrum_logger_in_fit(rng, tmp_path):
     model = _model()
     model.compile(keras.optimizers.SGD(0.05),
