@@ -7,6 +7,7 @@ its forward conv's), never the library's own spectral functions; the
 geometry is checked against hand-written expectations.
 """
 
+import json
 import warnings
 
 import keras
@@ -64,6 +65,17 @@ def _mixed_model():
     x = keras.layers.Concatenate()([s, x])
     outputs = keras.layers.Dense(3, name="dense")(x)
     return keras.Model([seq_in, img_in], outputs)
+
+
+def test_numpy_int_arguments_become_python_ints_in_the_config():
+    # Sizes read from arrays (np.int64) are accepted; the config must still be JSON.
+    constraint = OperatorNormConstraint(0.5, input_shape=np.int64(8), strides=(np.int64(2), 1),
+                                        groups=np.int64(2), padding="same")
+    config = constraint.get_config()
+    assert (config["input_shape"], config["strides"], config["groups"]) == (8, (2, 1), 2)
+    assert all(type(v) is int for v in (config["input_shape"], config["groups"],
+                                          *config["strides"]))
+    json.dumps(config)
 
 
 def test_constraint_config_is_exactly_the_constructor_arguments():

@@ -70,7 +70,7 @@ def analyse(checkpoint, output_dir, format=None, architecture=None, depth=None, 
     checkpoint = os.fspath(checkpoint)
     if dtype not in checkpoints.DTYPES:
         raise ValueError(f"dtype must be one of {checkpoints.DTYPES}, got {dtype!r}")
-    check_positive_int(image_size, "image_size", allow_none=True)
+    image_size = check_positive_int(image_size, "image_size", allow_none=True)
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)):
         raise ValueError(f"depth must be an int, got {depth!r}")
     try:

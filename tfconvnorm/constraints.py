@@ -56,13 +56,13 @@ class _OperatorGeometry:
                  padding=spectral.CIRCULAR, output_padding=None):
         if layout not in LAYOUTS:
             raise ValueError(f"`layout` must be one of {LAYOUTS}; received layout={layout!r}.")
-        if input_shape == [] or input_shape == ():
+        if isinstance(input_shape, (list, tuple)) and not input_shape:
             self.input_shape = ()
         else:
             self.input_shape = int_tuple(input_shape, None, "input_shape")
         self.strides = int_tuple(strides, None, "strides")
         self.dilation_rate = int_tuple(dilation_rate, None, "dilation_rate")
-        check_positive_int(groups, "groups")
+        groups = check_positive_int(groups, "groups")
         if layout == LAYOUT_DEPTHWISE and groups != 1:
             raise ValueError("With layout='depthwise' the groups are the input channels, "
                              f"read from the kernel; leave groups=1. Received groups={groups}.")

@@ -741,7 +741,9 @@ def _model_layer_operators(layer, seen_shapes, layer_input_shapes, round_up, bou
             recorded = _agreed_spatial(layer, _recorded_input_shapes(layer))
             if recorded is not None and all(d is not None for d in recorded):
                 size = recorded
-    if size is None or any(d is None for d in int_tuple(size, layer.rank, "input_shape", allow_none=True)):
+    spatial = None if size is None else int_tuple(size, layer.rank, "input_shape",
+                                                   allow_none=True)
+    if spatial is None or any(d is None for d in spatial):
         raise _unknown_size_error(layer, size)
     return layer_geometry(layer, input_shape=size, round_up=round_up, boundary=boundary)
 

@@ -141,6 +141,5 @@ def spectra_figure_png(names, spectra, title, dpi=80):
         import matplotlib  # pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
         return None
-    figure = plot_spectra(dict(zip(names, spectra)), log_x=True, log_y=True,
-                                   title=title)
+    figure = plot_spectra(dict(zip(names, spectra)), log_x=True, log_y=True, title=title)
     return figure_to_png(figure, dpi=dpi)

@@ -278,7 +278,7 @@ def build_dataset(name, split, batch_size, is_training=None, data_dir=None, manu
       DataUnavailableError: see `load_split`.
     """
     info = dataset_info(name)
-    check_positive_int(batch_size, "batch_size")
+    batch_size = check_positive_int(batch_size, "batch_size")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"`normalize` must be one of {NORMALIZATIONS}; received "
                          f"normalize={normalize!r}.")

@@ -96,7 +96,7 @@ def cifar_resnet_v2(depth, num_classes=10, input_shape=(32, 32, 3), weight_decay
         weight_decay.
     """
     block_type, blocks_per_stage = resnet_v2_block_config(depth, block_type)
-    check_positive_int(num_classes, "num_classes")
+    num_classes = check_positive_int(num_classes, "num_classes")
     input_shape = tuple(input_shape)
     if len(input_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in input_shape):
         raise ValueError(f"input_shape must be (height, width, channels) of positive ints, "
