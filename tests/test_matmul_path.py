@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import tfconvnorm
-from tfconvnorm import geometry, reference
+from tfconvnorm import constraints as constraints_lib, geometry, reference
 from tfconvnorm.constraints import OperatorNormConstraint
 
 import oracles
@@ -299,3 +299,23 @@ def test_exact_projection_refuses_folded_taps():
     constraint = OperatorNormConstraint(0.5, input_shape=3, method="exact")
     with pytest.raises(ValueError, match="method='exact'.*alternating"):
         constraint(tf.ones((5, 5, 2, 2)))
+
+
+def test_in_a_graph_without_xla_the_constraint_runs_as_one_shared_xla_cluster(rng):
+    # A non-XLA train step would otherwise run the matmul path op by op, about
+    # 40 small ops per squaring (most of its cost there: BENCHMARKS.md).
+    same_a = OperatorNormConstraint(0.5, input_shape=6, strides=2, padding="same")
+    same_b = OperatorNormConstraint(0.5, input_shape=6, strides=2, padding="same")
+    other = OperatorNormConstraint(0.7, input_shape=6, strides=2, padding="same")
+    assert constraints_lib._xla_projection(same_a) is constraints_lib._xla_projection(same_b)
+    assert constraints_lib._xla_projection(same_a) is not constraints_lib._xla_projection(other)
+    kernel = tf.constant(rng.standard_normal((3, 3, 2, 3)).astype(np.float32))
+    step = tf.function(lambda k: [same_a(k), same_b(k), other(k)])
+    calls = [op for op in step.get_concrete_function(kernel).graph.get_operations()
+             if "_XlaMustCompile" in op.node_def.attr]
+    assert len(calls) == 3 and all(op.get_attr("_XlaMustCompile") for op in calls)
+    for constraint, got in zip((same_a, same_b, other), step(kernel)):
+        # Eagerly the same matmul path runs op by op: the same kernel to rounding.
+        np.testing.assert_allclose(got, constraint(kernel), rtol=1e-5, atol=1e-7)
+        assert float(tfconvnorm.conv_operator_norm(tf.cast(got, tf.float64), 6, strides=2,
+                                                   padding="same")) <= constraint.max_norm

@@ -22,7 +22,9 @@ default) on a machine with a GPU. Every method of the constraint and the
 regularizer runs on the matmul path (`tfconvnorm.spectral.matmul`: a
 certified Gram-iteration upper bound and the clip by Newton-Schulz
 iterations, static shapes), which compiles under XLA; `constrain()` leaves
-the model's `jit_compile` as it is.
+the model's `jit_compile` as it is. In a TensorFlow graph without XLA the
+constraint runs its projection as one XLA-compiled function all the same
+(`_xla_projection`).
 """
 
 import keras
@@ -35,6 +37,7 @@ from tfconvnorm.spectral.arguments import (check_method, check_positive, check_p
                                          core_tensor, int_tuple)
 from tfconvnorm.spectral import matmul as matmul_lib
 from tfconvnorm.spectral import padding as padding_lib
+from tfconvnorm.spectral.operator import prepare_kernel
 
 #: Kernel layouts a constraint/regularizer accepts (see OperatorNormConstraint):
 #: the kinds whose variable layouts the others share (`geometry.KINDS[k].layout`).
@@ -229,6 +232,14 @@ class OperatorNormConstraint(keras.constraints.Constraint):
     # its functions (a converted `geometry_of` called as `norm_upper_bound`).
     @tf.autograph.experimental.do_not_convert
     def __call__(self, w):
+        if keras.backend.backend() == "tensorflow" and tf.inside_function():
+            # In a TensorFlow graph (the train step, with XLA or without): one
+            # XLA cluster per constraint, not ~40 small ops per squaring.
+            kernel = prepare_kernel(w.value if isinstance(w, keras.Variable) else w)
+            return _xla_projection(self)(kernel)
+        return self._project(w)
+
+    def _project(self, w):
         # The matmul path for every method (keras.ops, static shapes): compiles
         # under XLA and JAX's jit, runs on every Keras backend.
         conv, g, shape, dtype = _matmul_kernel(self._geometry, w)
@@ -259,6 +270,30 @@ class OperatorNormConstraint(keras.constraints.Constraint):
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
+
+
+#: XLA-compiled projections by constraint configuration (`_xla_projection`).
+_XLA_PROJECTIONS = {}
+
+
+def _xla_projection(constraint):
+    """The projection of constraints configured as `constraint`, as one
+    `tf.function(jit_compile=True)`.
+
+    Without XLA a TensorFlow graph runs the matmul path op by op, and each of
+    its small ops pays a launch: that was most of the constraint's cost in a
+    CPU train step (BENCHMARKS.md). Nested in an XLA-compiled step the
+    function is compiled with it. One function per configuration, so layers
+    of one geometry share it and its compilations (it retraces per kernel
+    shape and dtype). The finiteness check runs before, in the caller's graph
+    (`prepare_kernel`): a NaN kernel raises there as before without XLA.
+    """
+    key = (type(constraint).__name__, repr(sorted(constraint.get_config().items())))
+    function = _XLA_PROJECTIONS.get(key)
+    if function is None:
+        function = _XLA_PROJECTIONS[key] = tf.function(
+            constraint._project, jit_compile=True, autograph=False)  # pylint: disable=protected-access
+    return function
 
 
 @keras.saving.register_keras_serializable(package="tfconvnorm")
