@@ -234,3 +234,31 @@ def test_exact_matches_a_generic_constrained_solver():
     distance = np.sum((exact - kernel) ** 2)
     assert distance <= solution.fun * (1 + 1e-6)
     np.testing.assert_allclose(exact.ravel(), solution.x, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["paper", "alternating", "rescale"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_norms_before_come_with_the_projection_and_are_exact(method, dtype, rng):
+    # What the clipper logs as "before": the paper clip reads them off its own
+    # decompositions, where those settle them, else falls back to the exact
+    # norm. Every geometry twice (stacked kernels), at norms far above the
+    # bound (every frequency decomposed), just above it (a few) and inside
+    # (none: the fallback).
+    from tfconvnorm.spectral.projection import clip_and_norms_many  # pylint: disable=import-outside-toplevel
+    kernels, geometries, truths = [], [], []
+    for index, name in enumerate(sorted(GEOMETRIES) * 2):
+        shape, input_shape, strides, dilation, groups = GEOMETRIES[name]
+        kernel = _kernel(rng, shape)
+        norm = _norm(kernel, input_shape, strides, dilation, groups)
+        target = (3.0, 1.02, 0.5)[index % 3]
+        kernel = (kernel * (target / norm)).astype(dtype)
+        kernels.append(kernel)
+        geometries.append(dict(input_shape=input_shape, strides=strides, dilation_rate=dilation,
+                               groups=groups))
+        truths.append(_norm(kernel.astype(np.float64), input_shape, strides, dilation, groups))
+    projected, before = clip_and_norms_many(kernels, geometries, 1.0, method)
+    alone = tfconvnorm.clip_conv_singular_values_many(kernels, geometries, 1.0, method=method)
+    for got, expected in zip(projected, alone):  # the projection itself is unchanged
+        np.testing.assert_array_equal(got.numpy(), expected.numpy())
+    np.testing.assert_allclose([float(b) for b in before], truths,
+                               rtol=1e-5 if dtype == np.float32 else 1e-10)

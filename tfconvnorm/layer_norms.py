@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from tfconvnorm import spectral
 from tfconvnorm.spectral.arguments import check_method, check_positive, core_tensor
+from tfconvnorm.spectral.projection import clip_and_norms_many
 
 #: The clipper's default projection: the published one.
 DEFAULT_CLIPPER_METHOD = "paper"
@@ -42,7 +43,8 @@ def make_projection_fn(operators, max_norm, method=DEFAULT_CLIPPER_METHOD, itera
       max_norm: the bound, a finite number > 0.
       method, iterations: see `tfconvnorm.clip_conv_singular_values`.
       compute_norms: also return each kernel's operator norm before and after
-        the projection (two more decompositions per kernel).
+        the projection (before: from the projection's own decomposition where
+        that settles it; after: one more decomposition per kernel).
 
     Returns:
       A callable taking no arguments and returning `(before, after)`: float32
@@ -61,15 +63,16 @@ def make_projection_fn(operators, max_norm, method=DEFAULT_CLIPPER_METHOD, itera
 
     def compute(values):
         convs, dtypes = spectral_kernels(operators, values, with_dtypes=True)
-        # One pooled call for all kernels: one decomposition per matrix size.
-        clipped = spectral.clip_conv_singular_values_many(
-            convs, geometries, max_norm=max_norm, method=method, iterations=iterations)
-        before = after = tf.zeros([0], tf.float32)
+        # One pooled call for all kernels: one decomposition per matrix size;
+        # the norms before come from the projection's own decomposition.
+        clipped, before = clip_and_norms_many(convs, geometries, max_norm, method, iterations,
+                                              norms_before=compute_norms)
         if compute_norms:
-            def norms(kernels):
-                return tf.stack([tf.cast(n, tf.float32) for n in
-                                 spectral.conv_operator_norm_many(kernels, geometries)])
-            before, after = norms(convs), norms(clipped)
+            before = tf.stack([tf.cast(n, tf.float32) for n in before])
+            after = tf.stack([tf.cast(n, tf.float32) for n in
+                              spectral.conv_operator_norm_many(clipped, geometries)])
+        else:
+            before = after = tf.zeros([0], tf.float32)
         new_values = [tf.cast(op.from_spectral(c), dtype)
                       for op, c, dtype in zip(operators, clipped, dtypes)]
         return new_values, before, after

@@ -270,7 +270,7 @@ def _complex_matmul_parts(a_real, a_imag, b_real, b_imag, transpose_b=False):
             sign * mm(a_real, b_imag) + mm(a_imag, b_real))
 
 
-def clip_matrices(matrices, max_norm):
+def clip_matrices(matrices, max_norm, with_tops=False):
     """Clip every matrix's singular values at max_norm (the Frobenius-nearest
     matrix with spectral norm <= max_norm), through the Gram matrix's eigh,
     which unlike complex SVD has GPU kernels. `max_norm` broadcasts against
@@ -283,6 +283,12 @@ def clip_matrices(matrices, max_norm):
     is decomposed in place, which saves the gather and the scatter (those
     cost ~15% of the projection). Tighter Gram-iteration bounds cost more
     than they save here.
+
+    With `with_tops`, returns `(clipped, tops, exact)`: per matrix (batch
+    shape) the largest singular value of the input from its decomposition
+    where it was decomposed (`exact` True), else the upper bound
+    sqrt(||G||_F) that left it undecomposed. The clipper's "before" norms
+    come from these, without a decomposition of their own.
     """
     rows, cols = matrices.shape[-2:]
     real_dtype = matrices.dtype.real_dtype
@@ -291,7 +297,8 @@ def clip_matrices(matrices, max_norm):
         # A row or column: its Frobenius norm is its only singular value.
         sigma = _frobenius(matrices)
         scale = tf.minimum(tf.ones_like(sigma), max_norm / tf.maximum(sigma, tiny(real_dtype)))
-        return matrices * tf.cast(scale, matrices.dtype)[..., None, None]
+        clipped = matrices * tf.cast(scale, matrices.dtype)[..., None, None]
+        return (clipped, sigma, tf.ones_like(sigma, tf.bool)) if with_tops else clipped
     shape = tf.shape(matrices)
     flat = tf.reshape(matrices, (-1, rows, cols))
     bound = tf.reshape(max_norm, [-1])
@@ -309,22 +316,29 @@ def clip_matrices(matrices, max_norm):
         # shrink = V diag(factor) V^H, then shrink A (or A shrink).
         shrink = _complex_matmul_parts(v_real * factor, v_imag * factor, v_real, v_imag,
                                        transpose_b=True)
-        return (_complex_matmul_parts(*shrink, real, imag) if rows <= cols
-                else _complex_matmul_parts(real, imag, *shrink))
+        parts = (_complex_matmul_parts(*shrink, real, imag) if rows <= cols
+                 else _complex_matmul_parts(real, imag, *shrink))
+        return parts + (sigma[:, -1],)   # eigenvalues ascend: the top is last
 
-    over = (_frobenius_parts(gram_real, gram_imag)
-            > tf.square(bound) * (1 - _BOUND_SLACK[real_dtype]))
+    gram_frobenius = _frobenius_parts(gram_real, gram_imag)
+    over = gram_frobenius > tf.square(bound) * (1 - _BOUND_SLACK[real_dtype])
 
     def all_matrices():
-        return clip(real, imag, gram_real, gram_imag, bound)
+        return clip(real, imag, gram_real, gram_imag, bound) + (tf.ones_like(over),)
 
     def only_those_over():
         index = tf.where(over)
         pick = functools.partial(tf.gather_nd, indices=index)
-        clipped = clip(pick(real), pick(imag), pick(gram_real), pick(gram_imag), pick(bound))
-        return (tf.tensor_scatter_nd_update(real, index, clipped[0]),
-                tf.tensor_scatter_nd_update(imag, index, clipped[1]))
+        clipped_real, clipped_imag, top = clip(pick(real), pick(imag), pick(gram_real),
+                                               pick(gram_imag), pick(bound))
+        return (tf.tensor_scatter_nd_update(real, index, clipped_real),
+                tf.tensor_scatter_nd_update(imag, index, clipped_imag),
+                tf.tensor_scatter_nd_update(tf.sqrt(gram_frobenius), index, top), over)
 
     count_over = tf.reduce_sum(tf.cast(over, tf.int32))
-    clipped = tf.cond(2 * count_over > tf.size(over), all_matrices, only_those_over)
-    return tf.reshape(tf.complex(*clipped), shape)
+    clipped_real, clipped_imag, tops, exact = tf.cond(2 * count_over > tf.size(over),
+                                                      all_matrices, only_those_over)
+    clipped = tf.reshape(tf.complex(clipped_real, clipped_imag), shape)
+    if not with_tops:
+        return clipped
+    return clipped, tf.reshape(tops, shape[:-2]), tf.reshape(exact, shape[:-2])

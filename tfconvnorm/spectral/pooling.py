@@ -74,18 +74,26 @@ def _largest_singular_values_pooled(entries):
     return results
 
 
-def clip_matrices_pooled(entries):
+def clip_matrices_pooled(entries, with_tops=False):
     """`clip_matrices` of [(matrices (freqs, batch, rows, cols), bound broadcastable to
-    (freqs, batch))]: the clipped matrices, entry by entry."""
+    (freqs, batch))]: the clipped matrices, entry by entry (with `with_tops`,
+    `(clipped, tops, exact)` per entry, `tops` and `exact` of shape (freqs, batch))."""
     results = [None] * len(entries)
+    tops, exact = [None] * len(entries), [None] * len(entries)
     for pool in _pools([_size_key(matrices) for matrices, _ in entries]).values():
         flat = _concat([_flat(entries[index][0]) for index in pool])
         bound = _concat([tf.reshape(tf.broadcast_to(tf.cast(bound, matrices.dtype.real_dtype),
                                                     matrices.shape[:2]), [-1])
                          for matrices, bound in (entries[index] for index in pool)])
-        _unflatten(clip_matrices(flat, bound), pool,
-                   [entries[index][0].shape for index in pool], results)
-    return results
+        shapes = [entries[index][0].shape for index in pool]
+        if with_tops:
+            clipped, top, is_exact = clip_matrices(flat, bound, with_tops=True)
+            _unflatten(top, pool, shapes, tops)
+            _unflatten(is_exact, pool, shapes, exact)
+        else:
+            clipped = clip_matrices(flat, bound)
+        _unflatten(clipped, pool, shapes, results)
+    return list(zip(results, tops, exact)) if with_tops else results
 
 
 def singular_values_pooled(entries):

@@ -137,6 +137,20 @@ def clip_conv_singular_values_many(kernels, geometries, max_norm, method=DEFAULT
     This is what `OperatorNormClipper` runs. `kernels` and `geometries` as
     for `conv_singular_values_many`; returns a list of kernels.
     """
+    return clip_and_norms_many(kernels, geometries, max_norm, method, iterations, tolerance,
+                               norms_before=False)[0]
+
+
+def clip_and_norms_many(kernels, geometries, max_norm, method=DEFAULT_METHOD, iterations=None,
+                        tolerance=DEFAULT_EXACT_TOLERANCE, norms_before=True):
+    """`(clip_conv_singular_values_many(...), norms)`: with `norms_before`, also
+    each kernel's operator norm before the projection (a list of scalars in
+    the working dtype), from the projection's own first decomposition where
+    that settles it: the clip's eigh (the largest singular value over every
+    decomposed frequency, when no undecomposed one's bound exceeds it; else
+    the exact norm, `norms_of_stacks`), or the exact norms that "rescale",
+    "alternating" and "exact" compute anyway. Without it, `norms` is None.
+    """
     check_method(method)
     max_norm = _check_max_norm(max_norm)
     if iterations is None:
@@ -174,11 +188,15 @@ def clip_conv_singular_values_many(kernels, geometries, max_norm, method=DEFAULT
         bounds.append(bound)
         matrix_bounds.append(tf.repeat(bound, stack.groups_per_kernel)[None, :])
 
-    def clip_once(ks):
+    def clip_once(ks, with_norms=False):
         clipped = clip_matrices_pooled([(stack.forward(k), b) for stack, k, b in
-                                         zip(stacks, ks, matrix_bounds)])
-        return [inverse(m, stack.geometry, stack.real_dtype)
-                for stack, m in zip(stacks, clipped)]
+                                         zip(stacks, ks, matrix_bounds)], with_tops=with_norms)
+        if with_norms:
+            clipped, norms = zip(*[(m, _norms_from_tops(stack, k, tops, exact))
+                                   for stack, k, (m, tops, exact) in zip(stacks, ks, clipped)])
+        kernels = [inverse(m, stack.geometry, stack.real_dtype)
+                   for stack, m in zip(stacks, clipped)]
+        return (kernels, list(norms)) if with_norms else kernels
 
     def rescale(ks, norms):
         return [k * stack.per_channel(tf.where(n > b, b / n, tf.ones_like(n)))
@@ -196,13 +214,22 @@ def clip_conv_singular_values_many(kernels, geometries, max_norm, method=DEFAULT
         return [tf.where(stack.per_channel(i), stack.stacked, finish(stack, k, scale))
                 for stack, k, i, scale in zip(stacks, ks, inside, scales)]
 
+    before = None  # per stack, the norms of `works` (the kernels / `scales`)
     if method == "paper":
-        results = [finish(*args) for args in zip(stacks, clip_once(works), scales)]
+        clipped = clip_once(works, with_norms=norms_before)
+        if norms_before:
+            clipped, before = clipped
+        results = [finish(*args) for args in zip(stacks, clipped, scales)]
     elif method == "rescale":
-        norms = _rescale_norms(stacks, works, bounds)
+        # With norms wanted, the exact ones (the tap bound shortcut is not a norm);
+        # where the shortcut applies both leave the kernel unchanged.
+        norms = (norms_of_stacks(stacks, works) if norms_before else
+                 _rescale_norms(stacks, works, bounds))
+        before = norms
         results = keep_inside(rescale(works, norms), is_inside(norms))
     else:
-        inside = is_inside(norms_of_stacks(stacks, works))
+        before = norms_of_stacks(stacks, works)
+        inside = is_inside(before)
 
         def project():
             if method == "alternating":
@@ -222,7 +249,26 @@ def clip_conv_singular_values_many(kernels, geometries, max_norm, method=DEFAULT
 
         all_inside = tf.reduce_all(tf.concat(inside, axis=0))
         results = tf.cond(all_inside, lambda: [tf.identity(s.stacked) for s in stacks], project)
-    return scatter(count, stacks, [stack.unstack(r) for stack, r in zip(stacks, results)])
+    kernels = scatter(count, stacks, [stack.unstack(r) for stack, r in zip(stacks, results)])
+    if not norms_before:
+        return kernels, None
+    return kernels, scatter(count, stacks, [tf.unstack(n * scale) for n, scale in
+                                            zip(before, scales)])
+
+
+def _norms_from_tops(stack, kernel, tops, exact):
+    """Per kernel of a stack, its operator norm from the clip's per-matrix tops
+    ((freqs, count * groups): the largest singular value where decomposed,
+    else an upper bound): the largest decomposed top, where no bound of an
+    undecomposed matrix exceeds it; else, for the whole stack, the exact norm
+    of `kernel` (the stacked kernels) by `norms_of_stacks`."""
+    per_kernel = lambda x: tf.reduce_max(  # noqa: E731
+        tf.reshape(x, (-1, stack.count, stack.groups_per_kernel)), axis=[0, 2])
+    zeros = tf.zeros_like(tops)
+    decomposed = per_kernel(tf.where(exact, tops, zeros))
+    settled = decomposed >= per_kernel(tf.where(exact, zeros, tops))
+    return tf.cond(tf.reduce_all(settled), lambda: decomposed,
+                   lambda: norms_of_stacks([stack], [kernel])[0])
 
 
 def _tap_bounds(stack, kernel):
