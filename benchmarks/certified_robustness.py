@@ -7,7 +7,8 @@ certificate.
 Data: scikit-learn's digits as train.py builds them (the fixed split, 32x32
 bilinear upsampling), pixels scaled to [0, 1]; l2 radii eps in {0.1, 0.25, 0.5}.
 Arms, on the same ConvNet (3x3 conv, 3x3 stride-2 conv per width, Flatten,
-Dense; the ResNet arm: `lipschitz_resnet(8)`):
+Dense; the ResNet arm: `lipschitz_resnet(8)`, trained with its own logit scale,
+epochs and schedule, `--resnet_*`):
 
 * lipschitz: `models.lipschitz_convnet` / `lipschitz_resnet` (every layer
   constrained by the certified path to 1, logits times `scale`); certificate
@@ -148,6 +149,12 @@ def main():
     parser.add_argument("--lr_schedule", default="constant", choices=("constant", "cosine"),
                         help="Adam's learning rate for every arm: constant, or cosine decay "
                         "to zero")
+    parser.add_argument("--resnet_scale", type=float, default=14.0,
+                        help="the ResNet arms' logit scale: each Average(skip, branch) halves "
+                        "what its branch adds, so the deeper network needs more than the "
+                        "ConvNet (at 10: 94.2%% clean, BENCHMARKS.md)")
+    parser.add_argument("--resnet_epochs", type=int, default=60)
+    parser.add_argument("--resnet_lr_schedule", default="cosine", choices=("constant", "cosine"))
     parser.add_argument("--resnet_width", type=int, default=16,
                         help="channels of the ResNet arm's first stage")
     parser.add_argument("--empirical_examples", type=int, default=None,
@@ -167,6 +174,8 @@ def main():
     results = dict(epochs=args.epochs, scale=args.scale, eps=EPS, pgd_steps=PGD_STEPS,
                    pgd_restarts=PGD_RESTARTS, lr_schedule=args.lr_schedule,
                    empirical_examples=len(empirical_x), resnet_width=args.resnet_width,
+                   resnet_scale=args.resnet_scale, resnet_epochs=args.resnet_epochs,
+                   resnet_lr_schedule=args.resnet_lr_schedule,
                    arms={})
 
     def record(name, model, seconds, certificate, **extra):
@@ -183,10 +192,11 @@ def main():
         record("lipschitz_convnet", model, seconds, float(tfconvnorm.lipschitz_bound(model)))
     for depth in (8, 14):  # arms lipschitz_resnet8, lipschitz_resnet14
         if f"lipschitz_resnet{depth}" in arms:
-            model = models.lipschitz_resnet((32, 32, 1), 10, depth, lipschitz=args.scale,
+            model = models.lipschitz_resnet((32, 32, 1), 10, depth, lipschitz=args.resnet_scale,
                                             width=args.resnet_width,
                                             activation=args.activation)
-            seconds = train(model, x_train, y_train, args.epochs, schedule=args.lr_schedule)
+            seconds = train(model, x_train, y_train, args.resnet_epochs,
+                            schedule=args.resnet_lr_schedule)
             record(f"lipschitz_resnet{depth}", model, seconds,
                    float(tfconvnorm.lipschitz_bound(model)))
     if "spectral_norm_convnet" in arms:

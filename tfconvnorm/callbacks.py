@@ -109,8 +109,9 @@ class OperatorNormClipper(_OperatorCallback):
       kinds: operator kinds to project (e.g. `tfconvnorm.CONV_KINDS` to leave
         Dense layers alone); default all.
       iterations: see `tfconvnorm.clip_conv_singular_values`.
-      log_norms: compute and log the norms before/after (costs two extra
-        decompositions per kernel and projection).
+      log_norms: compute and log the norms before/after (the norms before
+        mostly come from the projection's own decomposition; the norms after
+        cost one more decomposition per kernel and projection).
       batch_norm_data: a dataset of (inputs, labels) batches, or None. When
         given, every projection is followed by `recalibrate_batch_norm` on
         `batch_norm_batches` of its batches. A projection changes the convs at
