@@ -40,10 +40,20 @@ class _StepTimes(keras.callbacks.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def _model(constrained, jit_compile):
+class _OpByOp(constraints_lib.OperatorNormConstraint):
+    """The constraint as it ran before it became one XLA cluster in graphs:
+    the matmul path op by op in a non-XLA step (the "before" row)."""
+
+    def __call__(self, w):
+        return self._project(w)
+
+
+def _model(constrained, jit_compile, op_by_op=False):
     model = resnet32_model(0)
     if constrained:
-        tfconvnorm.constrain(model, 1.0)
+        for constraint in tfconvnorm.constrain(model, 1.0).values():
+            if op_by_op:
+                constraint.__class__ = _OpByOp
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=jit_compile)
@@ -54,8 +64,9 @@ def step_times(rounds, steps, batch=128):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch * steps, 32, 32, 3)).astype(np.float32)
     y = rng.integers(0, 10, batch * steps)
-    configs = [(c, j) for j in (True, False) for c in (False, True)]
-    models = {config: _model(*config) for config in configs}
+    configs = [(c, j) for j in (True, False) for c in (False, True)] + [("op_by_op", False)]
+    models = {config: _model(bool(config[0]), config[1], op_by_op=config[0] == "op_by_op")
+              for config in configs}
     for model in models.values():  # compile / trace outside the timed rounds
         model.fit(x[:batch * 2], y[:batch * 2], batch_size=batch, epochs=1, verbose=0)
     medians = {config: [] for config in configs}
@@ -66,13 +77,67 @@ def step_times(rounds, steps, batch=128):
             medians[config].append(float(np.median(timer.times[1:])))
     rows = {}
     for constrained, jit in configs:
-        key = f"{'constrained' if constrained else 'plain'}_{'xla' if jit else 'no_xla'}"
+        kind = ("constrained_op_by_op" if constrained == "op_by_op" else
+                "constrained" if constrained else "plain")
+        key = f"{kind}_{'xla' if jit else 'no_xla'}"
         rows[key] = dict(round_medians_s=medians[(constrained, jit)],
                          median_s=float(np.median(medians[(constrained, jit)])))
     for mode in ("xla", "no_xla"):
         rows[f"overhead_{mode}"] = (rows[f"constrained_{mode}"]["median_s"]
                                     / rows[f"plain_{mode}"]["median_s"] - 1)
+    rows["overhead_op_by_op_no_xla"] = (rows["constrained_op_by_op_no_xla"]["median_s"]
+                                        / rows["plain_no_xla"]["median_s"] - 1)
     rows["plain_xla_over_no_xla"] = rows["plain_xla"]["median_s"] / rows["plain_no_xla"]["median_s"]
+    return rows
+
+
+def constraint_calls(repeats=20):
+    """All 35 ResNet-32 constraints applied to their kernels in one
+    `tf.function` (no assignment), without the train step around them: op by
+    op (before), as XLA clusters in a non-XLA graph (now), and inside an XLA
+    function. Median of interleaved warm calls: the constraint's own cost
+    without the step-to-step noise of `fit`."""
+    model = resnet32_model(0)
+    attached = tfconvnorm.constrain(model, 1.0)
+    variables = {v.path: v for v in model.trainable_variables}
+    pairs = [(variables[path], constraint) for path, constraint in attached.items()]
+
+    def apply_all(call):
+        return [call(constraint, v) for v, constraint in pairs]
+
+    functions = {
+        "op_by_op_no_xla": tf.function(lambda: apply_all(lambda c, v: c._project(v))),
+        "xla_clusters_no_xla": tf.function(lambda: apply_all(lambda c, v: c(v))),
+        "inside_xla": tf.function(lambda: apply_all(lambda c, v: c(v)), jit_compile=True),
+    }
+    times = {name: [] for name in functions}
+    for fn in functions.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            [t.numpy() for t in fn()]  # pylint: disable=expression-not-assigned
+            times[name].append(time.perf_counter() - start)
+    return {f"{name}_s": float(np.median(t)) for name, t in times.items()}
+
+
+def first_fit_times(pairs=2, batch=128):
+    """Wall time of the first `fit` (2 batches, XLA off) of a constrained
+    ResNet-32, which traces the train step: with the constraints op by op in
+    the step's graph (before) and as XLA clusters (now), alternating. Later
+    models reuse the clusters' compiled functions (one per configuration)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch * 2, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, batch * 2)
+    rows = {"op_by_op_s": [], "xla_clusters_s": []}
+    for _ in range(pairs):
+        for op_by_op in (True, False):
+            keras.backend.clear_session()
+            model = _model(True, False, op_by_op=op_by_op)
+            start = time.perf_counter()
+            model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+            rows["op_by_op_s" if op_by_op else "xla_clusters_s"].append(
+                time.perf_counter() - start)
     return rows
 
 
@@ -181,19 +246,24 @@ def main():
                         help="leave out the clipper rows (the longest part)")
     parser.add_argument("--ratios_only", action="store_true",
                         help="only the bound's tightness rows")
+    parser.add_argument("--skip_ratios", action="store_true",
+                        help="leave out the bound's tightness rows (they train a ResNet-32)")
     parser.add_argument("--trained_epochs", type=int, default=10)
     args = parser.parse_args()
-    trained, accuracy = trained_resnet32(args.trained_epochs)
-    ratios = dict(
-        bound_ratio_resnet32=bound_ratios(resnet32_model(0)),
-        bound_ratio_resnet32_trained=dict(bound_ratios(trained), epochs=args.trained_epochs,
-                                          train_accuracy=accuracy),
-        bound_ratio_mobilenetv2=bound_ratios(keras.applications.MobileNetV2(
-            input_shape=(96, 96, 3), weights=None)))
-    results = dict(ratios)
+    results = {}
+    if not args.skip_ratios:
+        trained, accuracy = trained_resnet32(args.trained_epochs)
+        results.update(
+            bound_ratio_resnet32=bound_ratios(resnet32_model(0)),
+            bound_ratio_resnet32_trained=dict(bound_ratios(trained), epochs=args.trained_epochs,
+                                              train_accuracy=accuracy),
+            bound_ratio_mobilenetv2=bound_ratios(keras.applications.MobileNetV2(
+                input_shape=(96, 96, 3), weights=None)))
     if not args.ratios_only:
         results.update(
             step=step_times(args.rounds, args.steps),
+            constraint_calls=constraint_calls(),
+            first_fit=first_fit_times(),
             clip_paths=clip_paths(),
             clipper=None if args.skip_clipper else clipper_cost(args.rounds, args.steps))
     results.update(tensorflow=tf.__version__, keras=keras.__version__,

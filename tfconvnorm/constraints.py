@@ -27,6 +27,9 @@ constraint runs its projection as one XLA-compiled function all the same
 (`_xla_projection`).
 """
 
+import functools
+import json
+
 import keras
 from keras import ops
 import tensorflow as tf
@@ -272,28 +275,25 @@ class OperatorNormConstraint(keras.constraints.Constraint):
         return f"{type(self).__name__}({args})"
 
 
-#: XLA-compiled projections by constraint configuration (`_xla_projection`).
-_XLA_PROJECTIONS = {}
-
-
 def _xla_projection(constraint):
     """The projection of constraints configured as `constraint`, as one
     `tf.function(jit_compile=True)`.
 
     Without XLA a TensorFlow graph runs the matmul path op by op, and each of
-    its small ops pays a launch: that was most of the constraint's cost in a
-    CPU train step (BENCHMARKS.md). Nested in an XLA-compiled step the
+    its small ops pays a launch: that was a third of the constraint's cost in
+    a CPU train step (BENCHMARKS.md). Nested in an XLA-compiled step the
     function is compiled with it. One function per configuration, so layers
     of one geometry share it and its compilations (it retraces per kernel
     shape and dtype). The finiteness check runs before, in the caller's graph
     (`prepare_kernel`): a NaN kernel raises there as before without XLA.
     """
-    key = (type(constraint).__name__, repr(sorted(constraint.get_config().items())))
-    function = _XLA_PROJECTIONS.get(key)
-    if function is None:
-        function = _XLA_PROJECTIONS[key] = tf.function(
-            constraint._project, jit_compile=True, autograph=False)  # pylint: disable=protected-access
-    return function
+    return _xla_function(type(constraint), json.dumps(constraint.get_config(), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _xla_function(cls, config):
+    return tf.function(cls.from_config(json.loads(config))._project,  # pylint: disable=protected-access
+                       jit_compile=True, autograph=False)
 
 
 @keras.saving.register_keras_serializable(package="tfconvnorm")
