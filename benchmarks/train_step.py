@@ -25,6 +25,7 @@ import tfconvnorm
 from tfconvnorm import layer_norms
 from tfconvnorm import constraints as constraints_lib
 from tfconvnorm import geometry
+from tfconvnorm.spectral import matmul as matmul_lib
 from benchmarks.workloads import resnet32_model
 
 
@@ -117,6 +118,36 @@ def constraint_calls(repeats=20):
         for name, fn in functions.items():
             start = time.perf_counter()
             [t.numpy() for t in fn()]  # pylint: disable=expression-not-assigned
+            times[name].append(time.perf_counter() - start)
+    return {f"{name}_s": float(np.median(t)) for name, t in times.items()}
+
+
+def bound_floor(repeats=15):
+    """The certified bound of all 35 ResNet-32 kernels in one XLA function, with
+    0 squarings (the per-frequency Gram matrices only: a bound up to n^(1/4)
+    loose), 1 squaring of every frequency, and the default selection (what
+    `rescale` runs): where the per-step cost comes from."""
+    model = resnet32_model(0)
+    attached = tfconvnorm.constrain(model, 1.0)
+    variables = {v.path: v for v in model.trainable_variables}
+    pairs = []
+    for path, constraint in attached.items():
+        conv, g, _, _ = constraints_lib._matmul_kernel(constraint._geometry, variables[path])
+        pairs.append((tf.identity(conv), g))
+    kernels = [conv for conv, _ in pairs]
+
+    def bounds(squarings):
+        return tf.function(lambda ks: [matmul_lib.norm_upper_bound(k, g, squarings=squarings)
+                                       for k, (_, g) in zip(ks, pairs)], jit_compile=True)
+
+    functions = {"gram_only": bounds(0), "one_squaring": bounds(1), "default": bounds(None)}
+    times = {name: [] for name in functions}
+    for fn in functions.values():
+        fn(kernels)
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            [t.numpy() for t in fn(kernels)]  # pylint: disable=expression-not-assigned
             times[name].append(time.perf_counter() - start)
     return {f"{name}_s": float(np.median(t)) for name, t in times.items()}
 
@@ -264,6 +295,7 @@ def main():
             step=step_times(args.rounds, args.steps),
             constraint_calls=constraint_calls(),
             first_fit=first_fit_times(),
+            bound_floor=bound_floor(),
             clip_paths=clip_paths(),
             clipper=None if args.skip_clipper else clipper_cost(args.rounds, args.steps))
     results.update(tensorflow=tf.__version__, keras=keras.__version__,
