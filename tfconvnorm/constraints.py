@@ -279,9 +279,9 @@ def _xla_projection(constraint):
     """The projection of constraints configured as `constraint`, as one
     `tf.function(jit_compile=True)`.
 
-    Without XLA a TensorFlow graph runs the matmul path op by op, and each of
-    its small ops pays a launch: that was a third of the constraint's cost in
-    a CPU train step (BENCHMARKS.md). Nested in an XLA-compiled step the
+    Without XLA a TensorFlow graph runs the matmul path op by op: each of its
+    small ops pays a launch, and the step's graph grows by thousands of ops
+    that the first step traces (BENCHMARKS.md). Nested in an XLA-compiled step the
     function is compiled with it. One function per configuration, so layers
     of one geometry share it and its compilations (it retraces per kernel
     shape and dtype). The finiteness check runs before, in the caller's graph
