@@ -28,13 +28,15 @@ def _wrap(module_name, function_name, make):
 
 
 def _method_swap(wrong_for):
-    """clip_conv_singular_values_many running another method than asked."""
+    """The `eigh` path's projections (`clip_and_norms_many`, under
+    clip_conv_singular_values_many and the clipper) running another method
+    than asked."""
     def make(original):
-        def mutant(kernels, geometries, max_norm, method="alternating", **kwargs):
-            return original(kernels, geometries, max_norm, method=wrong_for.get(method, method),
-                            **kwargs)
+        def mutant(kernels, geometries, max_norm, method="alternating", *args, **kwargs):
+            return original(kernels, geometries, max_norm, wrong_for.get(method, method),
+                            *args, **kwargs)
         return mutant
-    return lambda: _wrap("tfconvnorm.spectral.projection", "clip_conv_singular_values_many", make)
+    return lambda: _wrap("tfconvnorm.spectral.projection", "clip_and_norms_many", make)
 
 
 def _scaled_list(module_name, function_name, factor):
