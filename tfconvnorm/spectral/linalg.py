@@ -323,22 +323,27 @@ def clip_matrices(matrices, max_norm, with_tops=False):
     gram_frobenius = _frobenius_parts(gram_real, gram_imag)
     over = gram_frobenius > tf.square(bound) * (1 - _BOUND_SLACK[real_dtype])
 
+    # The tops (and the scatter of those decomposed into the bounds) only when
+    # asked for: the alternating and Dykstra loops clip many times without them.
     def all_matrices():
-        return clip(real, imag, gram_real, gram_imag, bound) + (tf.ones_like(over),)
+        clipped_real, clipped_imag, top = clip(real, imag, gram_real, gram_imag, bound)
+        return (clipped_real, clipped_imag) + ((top, tf.ones_like(over)) if with_tops else ())
 
     def only_those_over():
         index = tf.where(over)
         pick = functools.partial(tf.gather_nd, indices=index)
         clipped_real, clipped_imag, top = clip(pick(real), pick(imag), pick(gram_real),
                                                pick(gram_imag), pick(bound))
-        return (tf.tensor_scatter_nd_update(real, index, clipped_real),
-                tf.tensor_scatter_nd_update(imag, index, clipped_imag),
-                tf.tensor_scatter_nd_update(tf.sqrt(gram_frobenius), index, top), over)
+        scattered = (tf.tensor_scatter_nd_update(real, index, clipped_real),
+                     tf.tensor_scatter_nd_update(imag, index, clipped_imag))
+        if not with_tops:
+            return scattered
+        return scattered + (tf.tensor_scatter_nd_update(tf.sqrt(gram_frobenius), index, top),
+                            over)
 
     count_over = tf.reduce_sum(tf.cast(over, tf.int32))
-    clipped_real, clipped_imag, tops, exact = tf.cond(2 * count_over > tf.size(over),
-                                                      all_matrices, only_those_over)
-    clipped = tf.reshape(tf.complex(clipped_real, clipped_imag), shape)
+    outputs = tf.cond(2 * count_over > tf.size(over), all_matrices, only_those_over)
+    clipped = tf.reshape(tf.complex(outputs[0], outputs[1]), shape)
     if not with_tops:
         return clipped
-    return clipped, tf.reshape(tops, shape[:-2]), tf.reshape(exact, shape[:-2])
+    return clipped, tf.reshape(outputs[2], shape[:-2]), tf.reshape(outputs[3], shape[:-2])
