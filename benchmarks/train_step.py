@@ -92,34 +92,44 @@ def step_times(rounds, steps, batch=128):
     return rows
 
 
+def _constrained_resnet32():
+    """[(kernel variable, its constraint)] of a `constrain()`-ed ResNet-32 (35)."""
+    model = resnet32_model(0)
+    variables = {v.path: v for v in model.trainable_variables}
+    return [(variables[path], constraint)
+            for path, constraint in tfconvnorm.constrain(model, 1.0).items()]
+
+
+def _interleaved_medians(functions, repeats, *args):
+    """{name + "_s": median seconds of a warm call} of `functions`, called in
+    turn `repeats` times each (so that the machine's drift hits all alike)."""
+    for fn in functions.values():
+        fn(*args)
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            [t.numpy() for t in fn(*args)]  # pylint: disable=expression-not-assigned
+            times[name].append(time.perf_counter() - start)
+    return {f"{name}_s": float(np.median(t)) for name, t in times.items()}
+
+
 def constraint_calls(repeats=20):
     """All 35 ResNet-32 constraints applied to their kernels in one
     `tf.function` (no assignment), without the train step around them: op by
     op (before), as XLA clusters in a non-XLA graph (now), and inside an XLA
     function. Median of interleaved warm calls: the constraint's own cost
     without the step-to-step noise of `fit`."""
-    model = resnet32_model(0)
-    attached = tfconvnorm.constrain(model, 1.0)
-    variables = {v.path: v for v in model.trainable_variables}
-    pairs = [(variables[path], constraint) for path, constraint in attached.items()]
+    pairs = _constrained_resnet32()
 
     def apply_all(call):
         return [call(constraint, v) for v, constraint in pairs]
 
-    functions = {
+    return _interleaved_medians({
         "op_by_op_no_xla": tf.function(lambda: apply_all(lambda c, v: c._project(v))),
         "xla_clusters_no_xla": tf.function(lambda: apply_all(lambda c, v: c(v))),
         "inside_xla": tf.function(lambda: apply_all(lambda c, v: c(v)), jit_compile=True),
-    }
-    times = {name: [] for name in functions}
-    for fn in functions.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            [t.numpy() for t in fn()]  # pylint: disable=expression-not-assigned
-            times[name].append(time.perf_counter() - start)
-    return {f"{name}_s": float(np.median(t)) for name, t in times.items()}
+    }, repeats)
 
 
 def bound_floor(repeats=15):
@@ -127,29 +137,18 @@ def bound_floor(repeats=15):
     0 squarings (the per-frequency Gram matrices only: a bound up to n^(1/4)
     loose), 1 squaring of every frequency, and the default selection (what
     `rescale` runs): where the per-step cost comes from."""
-    model = resnet32_model(0)
-    attached = tfconvnorm.constrain(model, 1.0)
-    variables = {v.path: v for v in model.trainable_variables}
-    pairs = []
-    for path, constraint in attached.items():
-        conv, g, _, _ = constraints_lib._matmul_kernel(constraint._geometry, variables[path])
-        pairs.append((tf.identity(conv), g))
-    kernels = [conv for conv, _ in pairs]
+    kernels, geometries = [], []
+    for variable, constraint in _constrained_resnet32():
+        conv, g, _, _ = constraints_lib._matmul_kernel(constraint._geometry, variable)
+        kernels.append(tf.identity(conv))
+        geometries.append(g)
 
     def bounds(squarings):
         return tf.function(lambda ks: [matmul_lib.norm_upper_bound(k, g, squarings=squarings)
-                                       for k, (_, g) in zip(ks, pairs)], jit_compile=True)
+                                       for k, g in zip(ks, geometries)], jit_compile=True)
 
-    functions = {"gram_only": bounds(0), "one_squaring": bounds(1), "default": bounds(None)}
-    times = {name: [] for name in functions}
-    for fn in functions.values():
-        fn(kernels)
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            [t.numpy() for t in fn(kernels)]  # pylint: disable=expression-not-assigned
-            times[name].append(time.perf_counter() - start)
-    return {f"{name}_s": float(np.median(t)) for name, t in times.items()}
+    return _interleaved_medians({"gram_only": bounds(0), "one_squaring": bounds(1),
+                                 "default": bounds(None)}, repeats, kernels)
 
 
 def first_fit_times(pairs=2, batch=128):
